@@ -1,0 +1,138 @@
+"""
+Every default of prepare.py, train.py and sample.py, in one plain dict, and the --key=value parser.
+
+    python train.py --batch_size=32 --learning_rate=3e-4 --compile=False
+    python train.py --preset=cpu          # a named set of overrides, see `presets` below
+
+Values are Python literals (3e-4, True, None, 'text'); a bare word is taken as a string.
+"""
+import ast
+import difflib
+import sys
+
+# Each group is the set of keys one part of the project reads; `config` below merges them.
+data = dict(
+    dataset="roneneldan/TinyStories",  # Hugging Face name, or a local .txt/.txt.gz/.jsonl/.json/.parquet file or dir
+    val_fraction=0.05,  # a single local file: every round(1/val_fraction)-th story goes to validation
+    force=False,  # prepare.py: rebuild the bins even if they are up to date
+)
+paths = dict(
+    data_dir="data",  # train.bin, validation.bin, meta.json
+    out_dir="out",  # checkpoints, log, loss curve
+    checkpoint="ckpt.pt",  # what sample.py and --eval_only read from out_dir: ckpt.pt (latest) or best.pt
+)
+system = dict(
+    device="auto",  # auto picks cuda, then mps, then cpu
+    dtype="auto",  # auto: bfloat16 on CUDA (float16 + grad scaler on old GPUs), float32 elsewhere
+    compile=True,  # torch.compile on CUDA; ignored on CPU/MPS, where it does not pay (see bench.py)
+    seed=1337,
+)
+model = dict(
+    n_layer=6,
+    n_head=6,
+    n_embd=384,
+    block_size=128,  # context length in tokens
+    vocab_size=50257,  # GPT-2 BPE; model.py pads the embedding to 50304 (a multiple of 64) for speed
+    dropout=0.0,
+    bias=False,  # biases in Linear and LayerNorm: no gain for small models, a little slower
+)
+train = dict(
+    init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    eval_only=False,  # with init_from=resume: score ckpt.pt on the whole validation split and exit
+    batch_size=64,  # micro-batch size, sequences of block_size tokens
+    gradient_accumulation_steps=1,  # micro-batches per optimizer step (split across DDP ranks)
+    max_iters=5000,  # optimizer steps
+    learning_rate=1e-3,  # peak LR, after warmup
+    min_lr=1e-4,  # LR at the end of the cosine; must be below learning_rate
+    warmup_iters=-1,  # -1: 2% of max_iters
+    lr_decay_iters=-1,  # -1: max_iters
+    weight_decay=0.1,  # on matrices and embeddings only, never on norms or biases
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,  # max global grad norm; 0 disables
+    eval_interval=250,  # steps between evaluations and checkpoints
+    eval_iters=50,  # batches per split for each evaluation
+    log_interval=10,  # steps between progress-bar updates (each costs a GPU sync)
+)
+sample = dict(
+    start="",  # prompt text, or FILE:path; empty starts a fresh story (from EOT)
+    num_samples=3,
+    max_new_tokens=256,
+    temperature=0.8,  # 0 = greedy
+    top_k=200,  # keep the k most likely tokens; None keeps all
+    top_p=0.95,  # keep the smallest set with this much probability; 1.0 keeps all
+    stop_at_eot=True,  # end a story at the end-of-text token
+)
+config = {**data, **paths, **system, **model, **train, **sample, "preset": ""}
+
+# Named overrides, applied before any other flag: `--preset=cpu`.
+presets = dict(
+    # A 2-core laptop: README's main job in about 10 minutes. Small enough to train fast on a CPU,
+    # big enough to print recognisable story text.
+    cpu=dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, max_iters=600,
+        learning_rate=2e-3, min_lr=2e-4, eval_interval=100, eval_iters=20, compile=False,
+    ),
+)
+
+
+class UserError(Exception):
+    """A problem the user can fix (missing data, bad path, bad value): the scripts print it as one line."""
+
+
+def usage_error(message):
+    """A mistake on the command line: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as --device=cpu
+
+
+def get_config(argv, groups, script="this script"):
+    """Defaults of the keys in `groups` (the dicts above, or lists of key names), updated by parse_args."""
+    cfg = {k: config[k] for g in groups for k in g}
+    cfg["preset"] = ""
+    return {**cfg, **parse_args(argv, cfg, script)}
+
+
+def parse_args(argv, cfg, script="this script"):
+    """The values argv sets: the preset's first, then each --key=value. Only keys of cfg are allowed."""
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: python {script} [--key=value ...]\n\nkeys and defaults:")
+        for k, v in cfg.items():
+            print(f"  --{k}={v!r}")
+        print(f"\npresets: {', '.join(presets)}")
+        sys.exit(0)
+    overrides = {}
+    for arg in argv:
+        key, eq, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not eq or not key:
+            usage_error(f"malformed argument {arg!r}: expected --key=value")
+        if key not in cfg:
+            close = difflib.get_close_matches(key, cfg, n=3)
+            hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else f"see python {script} --help"
+            usage_error(f"unknown key --{key} for {script}: {hint}")
+        # a string key takes the text as it is, so --start=42 is the prompt "42"
+        overrides[key] = text if isinstance(config[key], str) else parse_value(text)
+    preset = overrides.get("preset", "")
+    if preset and preset not in presets:
+        usage_error(f"unknown --preset={preset}: choose one of {', '.join(presets)}")
+    # a preset may set keys another script does not read
+    values = {k: v for k, v in presets.get(preset, {}).items() if k in cfg}
+    return {k: check_type(k, v, config[k]) for k, v in {**values, **overrides}.items()}
+
+
+def check_type(key, value, default):
+    """The value for `key`, with the type of its default (an int is fine where a float is expected)."""
+    if isinstance(default, float) and type(value) is int:
+        return float(value)
+    if value is None and key == "top_k":  # the one key where None means "off"
+        return value
+    if type(value) is not type(default):
+        usage_error(f"--{key}={value!r} is a {type(value).__name__}, expected a {type(default).__name__} like {default!r}")
+    return value

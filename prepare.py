@@ -1,0 +1,364 @@
+"""
+TinyStories -> GPT-2 token ids -> {data_dir}/train.bin, validation.bin, meta.json
+
+    python prepare.py                                  # Hugging Face roneneldan/TinyStories (demo corpus if offline)
+    python prepare.py --dataset=TinyStories-train.txt  # a local file, split into train/validation
+    python prepare.py --dataset=path/to/folder         # files named *train* and *valid*: .txt(.gz), .jsonl, .json, .parquet
+
+The bins are flat little-endian uint16 arrays (GPT-2's 50257 ids fit below 2**16), each story followed by the
+end-of-text id 50256 so the model learns where a story ends; read them with np.memmap. meta.json records the
+token, story and byte counts per split, so a truncated bin is detected. Everything is written under a temporary
+name and moved into place when complete: an interrupted run never leaves a file that looks finished.
+"""
+import codecs
+import gzip
+import json
+import os
+import re
+import socket
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import numpy as np
+from tqdm import tqdm
+
+from config import UserError, data, get_config
+from tokenizer import EOT, get_tokenizer
+
+HUB_DATASET = "roneneldan/TinyStories"
+DEMO_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_stories.txt")
+SPLITS = ("train", "validation")
+FORMATS = (".txt", ".txt.gz", ".jsonl", ".json", ".parquet")
+CHUNK = 1024  # stories per unit of work: big enough to amortise overhead, small enough to bound memory
+META_VERSION = 1  # bump when the bins' layout changes, so old data gets rebuilt
+
+
+# -----------------------------------------------------------------------------
+# Reading stories. Every reader yields (list of stories, progress made), progress in the bar's unit.
+
+# Bytes that are not UTF-8 become U+FFFD; we count them and report the count rather than fail.
+invalid_utf8 = [0]
+
+
+def replace_and_count(err):
+    invalid_utf8[0] += 1
+    return "\ufffd", err.end
+
+
+codecs.register_error("replace_and_count", replace_and_count)
+
+
+def open_bytes(path):
+    """The file as a byte stream, and the underlying file, whose position tells the progress."""
+    raw = open(path, "rb")
+    return (gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw), raw
+
+
+def read_txt(path):
+    """TinyStories-train.txt format: stories separated by lines holding only <|endoftext|>."""
+    stream, raw = open_bytes(path)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace_and_count")
+    pending, done = "", 0
+    with stream, raw:
+        while True:
+            block = stream.read(1 << 20)
+            pending += decoder.decode(block, final=not block)
+            parts = pending.split("<|endoftext|>")
+            pending = parts.pop() if block else ""  # the last part may be a story cut by the block edge
+            stories = [s.strip() for s in parts]
+            yield [s for s in stories if s], raw.tell() - done
+            done = raw.tell()
+            if not block:
+                return
+
+
+def read_jsonl(path):
+    """One JSON object per line, with a "text" field."""
+    stream, raw = open_bytes(path)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace_and_count")
+    stories, done = [], 0
+    with stream, raw:
+        for lineno, line in enumerate(stream, 1):
+            if line.strip():
+                stories.append(text_field(parse_json(decoder.decode(line), path, lineno), path, lineno))
+            if len(stories) == CHUNK:
+                yield stories, raw.tell() - done
+                stories, done = [], raw.tell()
+        yield stories, raw.tell() - done
+
+
+def read_json(path):
+    """A .json file: a list of {"text": ...} objects, or JSON lines."""
+    with open(path, "rb") as f:
+        first = f.read(64).lstrip()[:1]
+    if first != b"[":
+        yield from read_jsonl(path)
+        return
+    with open(path, "rb") as f:
+        rows = parse_json(f.read().decode("utf-8", "replace_and_count"), path, None)
+    stories = [text_field(row, path, i) for i, row in enumerate(rows, 1)]
+    for i in range(0, len(stories), CHUNK):
+        yield stories[i:i + CHUNK], os.path.getsize(path) if i + CHUNK >= len(stories) else 0
+
+
+def parse_json(text, path, lineno):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}{f' line {lineno}' if lineno else ''}: not valid JSON ({e.msg})")
+
+
+def text_field(row, path, where):
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise UserError(f'{path} record {where}: expected an object with a "text" string field')
+    return row["text"].strip()
+
+
+def read_parquet(path):
+    import pyarrow.parquet as pq  # installed with `datasets`
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable parquet file ({e})")
+    if "text" not in table.schema_arrow.names:
+        raise UserError(f'{path}: no "text" column (columns: {", ".join(table.schema_arrow.names)})')
+    for batch in table.iter_batches(batch_size=CHUNK, columns=["text"]):
+        stories = [s.strip() for s in batch.column(0).to_pylist() if s]
+        yield stories, batch.nbytes
+
+
+READERS = {".txt": read_txt, ".txt.gz": read_txt, ".jsonl": read_jsonl, ".jsonl.gz": read_jsonl,
+           ".json": read_json, ".parquet": read_parquet}
+
+
+def file_format(path):
+    return next((ext for ext in READERS if path.endswith(ext)), None)
+
+
+def read_hub(name, split):
+    import datasets  # only here: training and sampling never need it
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, cache or format trouble: all reported the same way
+        raise UserError(f"loading {name} ({split}) from the hub failed: {str(e).splitlines()[0]}")
+    if "text" not in ds.column_names:
+        raise UserError(f'{name} split {split}: no "text" column')
+    for batch in ds.iter(batch_size=CHUNK):
+        yield [s.strip() for s in batch["text"] if s and s.strip()], len(batch["text"])
+
+
+def hub_reachable(timeout=3.0):
+    """True if the Hugging Face hub answers (or the user asked for its offline cache)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return True  # datasets will read its local cache
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def find_source(dataset, val_fraction):
+    """What to read: a dict saying where each split comes from, also the fingerprint stored in meta.json."""
+    if os.path.isdir(dataset):
+        files = sorted(os.path.join(dataset, f) for f in os.listdir(dataset) if file_format(f))
+        split_files = {"train": [f for f in files if "train" in os.path.basename(f).lower()],
+                       "validation": [f for f in files if "valid" in os.path.basename(f).lower()]}
+        for split, found in split_files.items():
+            if not found:
+                raise UserError(f"{dataset}: no {' or '.join(FORMATS)} file with "
+                                   f"'{'train' if split == 'train' else 'valid'}' in its name")
+        return dict(kind="files", files={s: [file_stamp(f) for f in fs] for s, fs in split_files.items()})
+    if os.path.isfile(dataset):
+        if not file_format(dataset):
+            raise UserError(f"{dataset}: unknown file type, expected one of {', '.join(FORMATS)} or a folder")
+        if not 0 < val_fraction < 1:
+            raise UserError(f"--val_fraction={val_fraction} must be between 0 and 1")
+        return dict(kind="one_file", file=file_stamp(dataset), val_every=max(2, round(1 / val_fraction)))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", dataset) and not file_format(dataset):
+        if hub_reachable():
+            return dict(kind="hub", name=dataset)
+        if dataset != HUB_DATASET:
+            raise UserError(f"cannot reach the Hugging Face hub to download {dataset}")
+        print(f"Cannot reach the Hugging Face hub: preparing the small demo corpus {os.path.basename(DEMO_CORPUS)} "
+              f"instead. For real data pass --dataset=PATH (a TinyStories .txt/.jsonl/.parquet file or folder).")
+        return find_source(DEMO_CORPUS, val_fraction)
+    raise UserError(f"--dataset={dataset}: no such file or folder")
+
+
+def file_stamp(path):
+    st = os.stat(path)
+    return dict(path=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def read_split(source, split):
+    """(stories, progress) chunks of one split, and the bar's total and unit."""
+    if source["kind"] == "hub":
+        return read_hub(source["name"], split), None, "rows"
+    if source["kind"] == "files":
+        stamps = source["files"][split]
+        chunks = (c for s in stamps for c in READERS[file_format(s["path"])](s["path"]))
+        return chunks, sum(s["size"] for s in stamps), "B"
+    # One file for both splits: every val_every-th story is validation, the rest train. Deterministic,
+    # streaming, and spread evenly over the file.
+    path, every = source["file"]["path"], source["val_every"]
+
+    def pick():
+        index = 0
+        for stories, progress in READERS[file_format(path)](path):
+            keep = [s for i, s in enumerate(stories, index) if (i % every == every - 1) == (split == "validation")]
+            index += len(stories)
+            yield keep, progress
+
+    return pick(), source["file"]["size"], "B"
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing and writing
+
+
+def encode_chunk(enc, stories):
+    """Token ids of the stories, EOT after each, as uint16; and the UTF-8 size of their text."""
+    ids = []
+    for tokens in enc.encode_ordinary_batch(stories, num_threads=1):
+        ids.extend(tokens)
+        ids.append(EOT)
+    return np.array(ids, dtype=np.uint16), len("".join(stories).encode())
+
+
+def write_split(enc, source, split, path, workers):
+    """Tokenize one split into `path` (a temporary name); returns its counts."""
+    chunks, total, unit = read_split(source, split)
+    counts = dict(tokens=0, stories=0, bytes=0)
+    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=f"{split:>10}", dynamic_ncols=True)
+    start = time.time()
+    # tiktoken releases the GIL, so threads tokenize in parallel; the window of chunks in flight bounds memory
+    with open(path, "wb") as f, ThreadPoolExecutor(workers) as pool:
+        in_flight = deque()
+
+        def write_oldest():
+            ids, nbytes = in_flight.popleft().result()
+            f.write(ids.tobytes())
+            counts["tokens"] += len(ids)
+            counts["bytes"] += nbytes
+
+        for stories, progress in chunks:
+            if stories:
+                counts["stories"] += len(stories)
+                in_flight.append(pool.submit(encode_chunk, enc, stories))
+            if len(in_flight) > 2 * workers:
+                write_oldest()
+            bar.update(progress)
+            bar.set_postfix_str(f"{counts['tokens'] / (time.time() - start + 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+        while in_flight:
+            write_oldest()
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the file gets its final name
+    bar.close()
+    if counts["stories"] == 0:
+        raise UserError(f"the {split} split of {describe(source)} holds no stories")
+    return counts
+
+
+def describe(source):
+    if source["kind"] == "hub":
+        return source["name"]
+    if source["kind"] == "one_file":
+        return source["file"]["path"]
+    return ", ".join(s["path"] for split in SPLITS for s in source["files"][split])
+
+
+def read_meta(data_dir):
+    """meta.json if it is there and readable, else None."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(meta, data_dir):
+    """True if meta.json says the bins are finished and both have exactly the size it records."""
+    if not meta or not meta.get("complete") or meta.get("version") != META_VERSION:
+        return False
+    for split in SPLITS:
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(path) or os.path.getsize(path) != 2 * meta["splits"][split]["tokens"]:
+            return False
+    return True
+
+
+def write_json(path, obj):
+    """Write atomically: readers see the old file or the new one, never half of one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(cfg):
+    """Build (or find up to date) the bins for cfg['dataset'] in cfg['data_dir']; returns the meta dict."""
+    invalid_utf8[0] = 0
+    data_dir = cfg["data_dir"]
+    source = find_source(cfg["dataset"], cfg["val_fraction"])
+    meta = read_meta(data_dir)
+    if not cfg["force"] and is_complete(meta, data_dir) and meta["source"] == source:
+        print(f"{data_dir}/train.bin and validation.bin are up to date for {describe(source)} "
+              f"({meta['splits']['train']['tokens']:,} + {meta['splits']['validation']['tokens']:,} tokens); "
+              f"--force=True rebuilds them.")
+        return meta
+    # Only ever replace bins this script wrote: a wrong --data_dir must not clobber someone else's files.
+    bins = [os.path.join(data_dir, f"{s}.bin") for s in SPLITS]
+    if meta is None and any(os.path.exists(b) for b in bins) and not cfg["force"]:
+        raise UserError(f"{data_dir} holds a train.bin or validation.bin without prepare.py's meta.json; "
+                           f"refusing to overwrite it (pick another --data_dir, or --force=True)")
+    os.makedirs(data_dir, exist_ok=True)
+
+    enc = get_tokenizer()
+    workers = os.cpu_count() or 1
+    print(f"Tokenizing {describe(source)} with GPT-2 BPE on {workers} threads into {data_dir}/")
+    splits = {}
+    try:
+        for split, path in zip(SPLITS, bins):
+            splits[split] = write_split(enc, source, split, path + ".tmp", workers)
+        # meta says "incomplete" while the bins are swapped in, and "complete" only once both are in place
+        meta = dict(version=META_VERSION, complete=False, tokenizer="gpt2", vocab_size=enc.n_vocab, eot=EOT,
+                    dtype="uint16", source=source, splits=splits, invalid_utf8_replaced=invalid_utf8[0])
+        write_json(os.path.join(data_dir, "meta.json"), meta)
+        for path in bins:
+            os.replace(path + ".tmp", path)
+        meta["complete"] = True
+        write_json(os.path.join(data_dir, "meta.json"), meta)
+    finally:
+        for path in bins:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+    for split in SPLITS:
+        c = splits[split]
+        print(f"{split:>10}: {c['stories']:,} stories, {c['tokens']:,} tokens, {c['bytes']:,} bytes of text")
+    if invalid_utf8[0]:
+        print(f"warning: {invalid_utf8[0]:,} invalid UTF-8 byte sequences were replaced by U+FFFD")
+    return meta
+
+
+if __name__ == "__main__":
+    cfg = get_config(sys.argv[1:], [data, ["data_dir"]], "prepare.py")
+    try:
+        prepare(cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the bins already in place, if any, are untouched")
+    except OSError as e:
+        sys.exit(f"error: {e.strerror or e} ({e.filename or cfg['data_dir']}); the bins already in place, if any, are untouched")
+
+# Full TinyStories from the hub: train ~2.1M stories, ~471M tokens (train.bin ~0.95 GB);
+# validation ~22K stories, ~4.7M tokens (validation.bin ~9.4 MB). meta.json holds the exact counts.

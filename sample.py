@@ -1,0 +1,115 @@
+"""
+Write stories with a trained model.
+
+    python sample.py                                     # 3 stories from out/ckpt.pt
+    python sample.py --start="Once upon a time, a frog"  # continue a prompt
+    python sample.py --start=FILE:prompt.txt --temperature=0 --checkpoint=best.pt
+
+Tokens are printed as they are made. The model shape comes from the checkpoint, never from the flags.
+"""
+import codecs
+import os
+import sys
+
+import torch
+
+from config import UserError, get_config, sample as sample_keys
+from tokenizer import EOT, get_tokenizer
+from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
+
+
+def check_settings(cfg):
+    if cfg["num_samples"] < 1:
+        raise UserError(f"--num_samples={cfg['num_samples']} must be at least 1")
+    if cfg["max_new_tokens"] < 1:
+        raise UserError(f"--max_new_tokens={cfg['max_new_tokens']} must be at least 1")
+    if cfg["temperature"] < 0:
+        raise UserError(f"--temperature={cfg['temperature']} must be >= 0 (0 is greedy)")
+    if cfg["top_k"] is not None and cfg["top_k"] < 1:
+        raise UserError(f"--top_k={cfg['top_k']} must be at least 1 (or None to keep every token)")
+    if not 0 < cfg["top_p"] <= 1:
+        raise UserError(f"--top_p={cfg['top_p']} must be in (0, 1]")
+
+
+def read_prompt(start):
+    """The prompt text: `start` itself, or the contents of the file after FILE:."""
+    if not start.startswith("FILE:"):
+        return start
+    path = start[len("FILE:"):]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the prompt file {path}: {e.strerror}")
+    except UnicodeDecodeError:
+        raise UserError(f"the prompt file {path} is not UTF-8 text")
+    if not text.strip():
+        raise UserError(f"the prompt file {path} is empty")
+    return text
+
+
+def load_model(cfg, device):
+    path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
+    ckpt = load_checkpoint(path)
+    if ckpt["config"].get("vocab_size") != EOT + 1:
+        raise UserError(f"{path} has a {ckpt['config'].get('vocab_size')}-token vocabulary, not GPT-2's {EOT + 1}")
+    model = model_from_checkpoint(ckpt, path)
+    return model.to(device).eval()
+
+
+def generate_text(model, enc, prompt_ids, cfg, generator, out=None):
+    """One story after prompt_ids; each piece is written to `out` as soon as it is whole UTF-8."""
+    # a token can end in the middle of a multi-byte character: decode bytes incrementally, never per token
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    pieces = []
+    for token, _ in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"],
+                                   generator):
+        token = token.item()
+        if token == EOT and cfg["stop_at_eot"]:
+            break
+        pieces.append(decoder.decode(enc.decode_single_token_bytes(token)))
+        if out is not None:
+            out.write(pieces[-1])
+            out.flush()
+    pieces.append(decoder.decode(b"", final=True))
+    if out is not None:
+        out.write(pieces[-1])
+    return "".join(pieces)
+
+
+def sample(cfg, out=sys.stdout):
+    """Print (and return) cfg['num_samples'] stories."""
+    check_settings(cfg)
+    prompt = read_prompt(cfg["start"])
+    device = pick_device(cfg["device"])
+    ctx, _ = autocast_context(device, cfg["dtype"])
+    model = load_model(cfg, device)
+    enc = get_tokenizer()
+    # stories in the training data follow an end-of-text token: starting from one says "a new story begins"
+    prompt_ids = [EOT] + enc.encode_ordinary(prompt)
+    block_size = model.config.block_size
+    if len(prompt_ids) > block_size:
+        raise UserError(f"the prompt is {len(prompt_ids) - 1} tokens, longer than the model's context of "
+                        f"{block_size - 1} tokens after the end-of-text token: shorten it")
+    generator = torch.Generator(device=device).manual_seed(cfg["seed"])
+    stories = []
+    with ctx:
+        for i in range(cfg["num_samples"]):
+            if out is not None:
+                out.write(prompt)
+            stories.append(prompt + generate_text(model, enc, prompt_ids, cfg, generator, out))
+            if out is not None:
+                out.write("\n" + "-" * 40 + "\n" if i < cfg["num_samples"] - 1 else "\n")
+    return stories
+
+
+if __name__ == "__main__":
+    cfg = get_config(sys.argv[1:], [["out_dir", "checkpoint", "device", "dtype", "seed"], sample_keys], "sample.py")
+    try:
+        sample(cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,490 @@
+"""
+Train the GPT on the bins that prepare.py wrote.
+
+    python train.py                                   # one GPU (or CPU, slowly), the default model
+    python train.py --preset=cpu                      # sized for a 2-core laptop: about 10 minutes
+    python train.py --init_from=resume                # continue from out_dir/ckpt.pt
+    python train.py --init_from=resume --eval_only=True   # score ckpt.pt on the whole validation split
+    torchrun --standalone --nproc_per_node=8 train.py # DDP on 8 GPUs (gloo when on CPU)
+"""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from config import UserError, get_config, model as model_keys, parse_args, paths, system, train as train_keys
+from model import GPT, GPTConfig
+
+MODEL_KEYS = tuple(model_keys)
+
+
+# -----------------------------------------------------------------------------
+# Data: random windows of the token bins
+
+
+class Bin:
+    """A token bin opened once; windows are read with pread, so nothing is remapped per batch and memory
+    stays flat however long the run (a memmap would keep every page it touched resident)."""
+
+    def __init__(self, path, expected_tokens):
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found: run prepare.py first (python prepare.py --data_dir={os.path.dirname(path)})")
+        size = os.path.getsize(path)
+        if size != 2 * expected_tokens:
+            raise UserError(f"{path} holds {size} bytes but meta.json says {expected_tokens} uint16 tokens: "
+                             f"a truncated or foreign file; run prepare.py again")
+        self.fd = os.open(path, os.O_RDONLY)
+        self.num_tokens = expected_tokens
+
+    def read(self, start, count):
+        """Tokens [start, start + count) as int64."""
+        buf = os.pread(self.fd, 2 * count, 2 * start)
+        return torch.from_numpy(np.frombuffer(buf, dtype="<u2").astype(np.int64))
+
+
+def load_bins(data_dir, vocab_size, block_size):
+    """train and validation Bins, after checking them against meta.json and the model."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"no prepared data in {data_dir}/: run prepare.py first (python prepare.py --data_dir={data_dir})")
+    except ValueError:
+        raise UserError(f"{data_dir}/meta.json is corrupt: run prepare.py again")
+    if not meta.get("complete"):
+        raise UserError(f"{data_dir}/ holds an unfinished prepare.py run: run prepare.py again")
+    if meta["vocab_size"] != vocab_size:
+        raise UserError(f"the bins in {data_dir}/ use a {meta['vocab_size']}-token vocabulary but the model "
+                         f"has vocab_size={vocab_size}")
+    bins = {}
+    for split in ("train", "validation"):
+        bins[split] = Bin(os.path.join(data_dir, f"{split}.bin"), meta["splits"][split]["tokens"])
+        if bins[split].num_tokens <= block_size:
+            raise UserError(f"{split}.bin holds {bins[split].num_tokens} tokens, not more than block_size="
+                             f"{block_size}: use a smaller --block_size or more data")
+    return bins, meta
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """x: batch_size random windows of block_size tokens; y: the same windows shifted by one token."""
+    starts = torch.randint(data.num_tokens - block_size, (batch_size,), generator=generator)
+    windows = torch.stack([data.read(int(i), block_size + 1) for i in starts])
+    x, y = windows[:, :-1], windows[:, 1:]
+    if device.type == "cuda":  # pinned memory lets the copy run alongside the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+# -----------------------------------------------------------------------------
+# Optimisation
+
+
+def get_lr(step, cfg):
+    """Linear warmup to learning_rate, then a cosine down to min_lr at lr_decay_iters, then min_lr."""
+    warmup, decay = schedule_lengths(cfg)
+    if step < warmup:
+        return cfg["learning_rate"] * (step + 1) / (warmup + 1)
+    if step >= decay:
+        return cfg["min_lr"]
+    progress = (step - warmup) / (decay - warmup)
+    return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - cfg["min_lr"])
+
+
+def schedule_lengths(cfg):
+    """(warmup_iters, lr_decay_iters); -1 means: follow max_iters, so any run length gets a whole schedule."""
+    warmup = cfg["warmup_iters"] if cfg["warmup_iters"] >= 0 else round(0.02 * cfg["max_iters"])
+    decay = cfg["lr_decay_iters"] if cfg["lr_decay_iters"] >= 0 else cfg["max_iters"]
+    return warmup, max(decay, warmup + 1)
+
+
+def make_optimizer(model, cfg, device):
+    # Decay the matrices (weights and embeddings) only: shrinking norms' gains or biases towards zero
+    # is a constraint with no regularising benefit.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                             fused=device.type in ("cuda", "cpu"))
+
+
+@torch.no_grad()
+def estimate_loss(model, bins, cfg, ctx, device):
+    """Mean loss over eval_iters random batches of each split, the same batches at every evaluation."""
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg["seed"])
+    out = {}
+    for split, data in bins.items():
+        losses = torch.zeros(cfg["eval_iters"])
+        for k in range(cfg["eval_iters"]):
+            x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], generator, device)
+            with ctx:
+                losses[k] = model(x, y)[1].item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def evaluate_split(model, data, num_bytes, block_size, batch_size, ctx, device):
+    """Every token of `data` scored once, in non-overlapping windows: (nats/token, perplexity, bits/byte)."""
+    model.eval()
+    total_nats, total_tokens = 0.0, 0
+    starts = list(range(0, data.num_tokens - 1, block_size))
+    for i in tqdm(range(0, len(starts), batch_size), desc="evaluating", unit="batch", dynamic_ncols=True):
+        windows = [data.read(s, min(block_size + 1, data.num_tokens - s)) for s in starts[i:i + batch_size]]
+        # the last window may be short: score it on its own
+        groups = [windows] if len(windows[-1]) == len(windows[0]) else [windows[:-1], windows[-1:]]
+        for group in groups:
+            if not group:
+                continue
+            w = torch.stack(group).to(device)
+            with ctx:
+                logits, _ = model(w[:, :-1])
+            nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum")
+            total_nats += nats.item()
+            total_tokens += w[:, 1:].numel()
+    loss = total_nats / total_tokens
+    return loss, math.exp(loss), total_nats / math.log(2) / num_bytes
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, or not a torch file at all
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated or corrupt?")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """The model the checkpoint describes, with its weights; its shape comes from the checkpoint, not the flags."""
+    model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit its own model config: {str(e).splitlines()[0]}")
+    return model
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Set-up: device, precision, DDP
+
+
+def pick_device(name):
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device={name} but no CUDA GPU is available: use --device=cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_context(device, dtype):
+    """(context for forward passes, the dtype in effect): bf16 autocast on CUDA, fp16 on GPUs without bf16."""
+    if dtype == "auto":
+        dtype = "float32"
+        if device.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype={dtype}: choose auto, float32, bfloat16 or float16")
+    if dtype == "float32":
+        return nullcontext(), dtype
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)), dtype
+
+
+def setup_ddp(cfg):
+    """(rank, world size, local rank); DDP when torchrun started us (it sets RANK)."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    backend = "nccl" if torch.cuda.is_available() and cfg["device"] in ("auto", "cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    # a rank that dies must not leave the others waiting forever
+    import datetime
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=120))
+    return rank, world, local
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+class StopRequest:
+    """Within `with StopRequest() as stop:`, Ctrl-C or SIGTERM only sets stop.signal: the loop then finishes
+    its step, saves, and exits. A second signal aborts at once."""
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop right now, without saving
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+def train(cfg, explicit=()):
+    """Train (or resume, or with eval_only just evaluate) as cfg says; returns a summary dict.
+    `explicit` names the keys the user set: on resume those may not contradict the checkpoint's model shape."""
+    rank, world, local = setup_ddp(cfg)
+    master = rank == 0
+    device = pick_device(cfg["device"])
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    out_dir = cfg["out_dir"]
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        path = os.path.join(out_dir, cfg["checkpoint"]) if cfg["eval_only"] else ckpt_path
+        ckpt = load_checkpoint(path)
+        for k in MODEL_KEYS:
+            if k in explicit and cfg[k] != ckpt["config"][k]:
+                raise UserError(f"{path} was trained with {k}={ckpt['config'][k]!r}, not --{k}={cfg[k]!r}: "
+                                 f"the model shape cannot change on resume")
+        cfg = {**cfg, **{k: ckpt["config"][k] for k in MODEL_KEYS}}
+    elif cfg["init_from"] != "scratch":
+        raise UserError(f"--init_from={cfg['init_from']}: choose scratch or resume")
+    elif cfg["eval_only"]:
+        raise UserError("--eval_only=True scores a trained model: add --init_from=resume")
+    if not 0 <= cfg["min_lr"] < cfg["learning_rate"]:
+        raise UserError(f"--min_lr={cfg['min_lr']} must be below --learning_rate={cfg['learning_rate']}")
+    if cfg["gradient_accumulation_steps"] % world:
+        raise UserError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not a multiple "
+                         f"of the {world} DDP processes")
+
+    bins, meta = load_bins(cfg["data_dir"], cfg["vocab_size"], cfg["block_size"])
+    torch.manual_seed(cfg["seed"] + rank)
+    ctx, dtype = autocast_context(device, cfg["dtype"])
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt, ckpt_path)
+    else:
+        model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
+    model.fused_loss = device.type == "cpu"  # a big win on CPU; on GPUs torch.compile fuses the loss itself
+    model.to(device)
+
+    if cfg["eval_only"]:
+        v = meta["splits"]["validation"]
+        # small batches: the full logits of a batch (batch x block_size x 50K floats) are held at once
+        loss, ppl, bpb = evaluate_split(model, bins["validation"], v["bytes"], cfg["block_size"],
+                                        min(cfg["batch_size"], 16), ctx, device)
+        print(f"validation ({v['tokens']:,} tokens, {v['bytes']:,} bytes): loss {loss:.4f} nats/token | "
+              f"perplexity {ppl:.3f} | {bpb:.4f} bits/byte")
+        return dict(loss=loss, perplexity=ppl, bits_per_byte=bpb)
+
+    n_params, n_total = model.num_params()
+    grad_accum = cfg["gradient_accumulation_steps"] // world
+    tokens_per_iter = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
+    if master:
+        print(f"model: {n_params / 1e6:.2f}M parameters besides the token and position embeddings, "
+              f"{n_total / 1e6:.2f}M in all (the head is tied to the token embedding)")
+        print(f"tokens per step: {tokens_per_iter:,} = {grad_accum} accumulation x {world} processes x "
+              f"{cfg['batch_size']} batch x {cfg['block_size']} tokens; on {device} in {dtype}")
+
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
+    generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
+    start_step, best_val = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        set_rng_state(ckpt["rng"])
+        generator.set_state(ckpt["batch_rng"][rank])
+        if master:
+            print(f"resuming from {ckpt_path} at step {start_step}")
+    del ckpt
+    raw_model = model  # saved and evaluated without the compile and DDP wrappers
+    if cfg["compile"] and device.type == "cuda":
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+
+    def checkpoint(step, best_val):
+        """Everything needed to continue exactly from `step`; the batch RNG of every rank."""
+        states = [generator.get_state()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, generator.get_state())
+        if master:
+            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                            step=step, best_val_loss=best_val, config=cfg, rng=rng_state(),
+                                            batch_rng=states))
+
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else nullcontext()  # rank 0 writes
+    with StopRequest() as stop, log_file as log:
+        best_val = run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, device, checkpoint,
+                 start_step, best_val, tokens_per_iter, grad_accum, master, log, stop, ckpt_path)
+    if master:
+        plot_losses(out_dir)
+    if world > 1:
+        dist.destroy_process_group()
+    return dict(best_val_loss=best_val, steps=cfg["max_iters"])
+
+
+def run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, device, checkpoint,
+             start_step, best_val, tokens_per_iter, grad_accum, master, log, stop, ckpt_path):
+    max_iters = cfg["max_iters"]
+    bar = tqdm(total=max_iters, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
+    t0 = time.time()
+    diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
+    for step in range(start_step, max_iters + 1):
+        last_step = step == max_iters
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # evaluate and save at every eval_interval and at the end; not again at the step just resumed from
+        if last_step or (step % cfg["eval_interval"] == 0 and (step == 0 or step > start_step)):
+            losses = estimate_loss(raw_model, bins, cfg, ctx, device)
+            if not math.isfinite(losses["validation"]):
+                raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
+            if master:
+                bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
+                write_log(log, step=step, tokens=step * tokens_per_iter, train_loss=losses["train"],
+                          val_loss=losses["validation"], lr=lr, elapsed=time.time() - t0)
+                if losses["validation"] < best_val:
+                    best_val = losses["validation"]
+                    save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"),
+                                    dict(model=raw_model.state_dict(), config=cfg, step=step, val_loss=best_val))
+            checkpoint(step, best_val)
+        if last_step:
+            break
+        if stop.signal is not None:
+            checkpoint(step, best_val)
+            bar.close()
+            if master:
+                print(f"stopped by {signal.Signals(stop.signal).name} at step {step}: saved {ckpt_path}; "
+                      f"continue with --init_from=resume", file=sys.stderr)
+            sys.exit(128 + stop.signal)  # the shell's convention for "ended by this signal"
+
+        # one optimizer step over grad_accum micro-batches
+        step_start = time.time()
+        for micro in range(grad_accum):
+            x, y = get_batch(bins["train"], cfg["batch_size"], cfg["block_size"], generator, device)
+            last_micro = micro == grad_accum - 1
+            with (model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()):
+                with ctx:  # DDP all-reduces the gradients once, after the last micro-batch
+                    _, loss = model(x, y)
+                # the loss is a mean over its micro-batch; dividing by the count makes the summed
+                # gradients the mean over the whole step, as one big batch would give
+                scaler.scale(loss / grad_accum).backward()
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        if step % cfg["log_interval"] == 0 and master:
+            loss_value = loss.item()  # waits for the GPU: so only every log_interval steps
+            if not math.isfinite(loss_value):
+                raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
+            step_time = time.time() - step_start
+            tok_s = tokens_per_iter / step_time
+            postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            if device.type == "cuda":  # against an H100 SXM's 989 TFLOP/s bf16 dense peak
+                postfix["mfu"] = f"{100 * raw_model.estimate_mfu(tok_s, 989e12):.1f}%"
+            bar.set_postfix(postfix, refresh=False)
+            write_log(log, step=step + 1, tokens=(step + 1) * tokens_per_iter, loss=loss_value, lr=lr,
+                      elapsed=time.time() - t0)
+            if step == start_step and device.type == "cpu" and not cfg["preset"] and max_iters - step > 1000:
+                bar.write(f"note: at {step_time:.1f} s a step, this CPU needs about "
+                          f"{(max_iters - step) * step_time / 3600:.0f} hours for max_iters={max_iters}; "
+                          f"--preset=cpu trains a smaller model in about 10 minutes")
+    bar.close()
+    return best_val
+
+
+def write_log(log, **row):
+    if log is not None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+
+def plot_losses(out_dir):
+    """log.jsonl -> loss.png; matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the loss curve (pip install matplotlib)")
+        return
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train (batch)"), ("train_loss", "train (eval)"), ("val_loss", "validation")):
+        points = [(r["tokens"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, linewidth=1)
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats)", title=f"{out_dir}: loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    groups = [paths, system, model_keys, train_keys]
+    cfg = get_config(sys.argv[1:], groups, "train.py")
+    explicit = set(parse_args(sys.argv[1:], cfg, "train.py"))
+    try:
+        train(cfg, explicit)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except (torch.OutOfMemoryError, MemoryError):
+        sys.exit(f"error: batch_size={cfg['batch_size']} does not fit in memory: lower --batch_size and raise "
+                 f"--gradient_accumulation_steps to keep the tokens per step")
