@@ -306,7 +306,6 @@ def write_json(path, obj):
 
 def prepare(cfg):
     """Build (or find up to date) the bins for cfg['dataset'] in cfg['data_dir']; returns the meta dict."""
-    invalid_utf8[0] = 0
     data_dir = cfg["data_dir"]
     source = find_source(cfg["dataset"], cfg["val_fraction"])
     meta = read_meta(data_dir)
@@ -325,10 +324,14 @@ def prepare(cfg):
     enc = get_tokenizer()
     workers = os.cpu_count() or 1
     print(f"Tokenizing {describe(source)} with GPT-2 BPE on {workers} threads into {data_dir}/")
-    splits = {}
+    splits, invalid = {}, {}
     try:
         for split, path in zip(SPLITS, bins):
+            invalid_utf8[0] = 0
             splits[split] = write_split(enc, source, split, path + ".tmp", workers)
+            invalid[split] = invalid_utf8[0]
+        # one file is read once per split, both times whole: count its bad bytes once
+        invalid_utf8[0] = invalid["train"] if source["kind"] == "one_file" else sum(invalid.values())
         # meta says "incomplete" while the bins are swapped in, and "complete" only once both are in place
         meta = dict(version=META_VERSION, complete=False, tokenizer="gpt2", vocab_size=enc.n_vocab, eot=EOT,
                     dtype="uint16", source=source, splits=splits, invalid_utf8_replaced=invalid_utf8[0])

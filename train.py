@@ -77,8 +77,9 @@ def load_bins(data_dir, vocab_size, block_size):
 
 def get_batch(data, batch_size, block_size, generator, device):
     """x: batch_size random windows of block_size tokens; y: the same windows shifted by one token."""
-    starts = torch.randint(data.num_tokens - block_size, (batch_size,), generator=generator)
-    windows = torch.stack([data.read(int(i), block_size + 1) for i in starts])
+    # one draw per row: a step's windows are then the same however it is split into micro-batches
+    starts = [int(torch.randint(data.num_tokens - block_size, (1,), generator=generator)) for _ in range(batch_size)]
+    windows = torch.stack([data.read(i, block_size + 1) for i in starts])
     x, y = windows[:, :-1], windows[:, 1:]
     if device.type == "cuda":  # pinned memory lets the copy run alongside the GPU's work
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -369,7 +370,7 @@ def train(cfg, explicit=()):
         plot_losses(out_dir)
     if world > 1:
         dist.destroy_process_group()
-    return dict(best_val_loss=best_val, steps=cfg["max_iters"])
+    return dict(best_val_loss=best_val, model=raw_model)
 
 
 def run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, device, checkpoint,

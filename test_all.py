@@ -1,0 +1,670 @@
+"""
+The test suite: python -m pytest -q test_all.py   (CPU, tiny models, a couple of minutes on 2 cores)
+
+Tests assert relations (cache == no cache, resume == straight run, fused loss == plain loss, bins decode to
+their stories) rather than numbers copied from a run.
+"""
+import gzip
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import config
+import prepare
+import sample as sample_script
+import train as train_script
+from model import GPT, GPTConfig, sample_token
+from tokenizer import EOT, get_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
+# an address that never resolves, so tests never wait on the network
+OFFLINE_ENV = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "PYTHONUNBUFFERED": "1"}
+
+
+def demo_stories():
+    with open(prepare.DEMO_CORPUS) as f:
+        return [s.strip() for s in f.read().split("<|endoftext|>") if s.strip()]
+
+
+def run(script, *args, cwd=HERE, timeout=120):
+    """Run one of the scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, env=OFFLINE_ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tree_state(folder):
+    """{file: (size, mtime_ns, bytes)} of every file under folder: to prove nothing changed."""
+    state = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                state[path] = (os.path.getsize(path), os.stat(path).st_mtime_ns, f.read())
+    return state
+
+
+def prepare_cfg(dataset, data_dir, **overrides):
+    return {**config.data, "data_dir": str(data_dir), "dataset": str(dataset), **overrides}
+
+
+def read_bin(path):
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+@pytest.fixture(scope="session")
+def enc():
+    return get_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The demo corpus, prepared once: data_dir and meta."""
+    data_dir = tmp_path_factory.mktemp("demo_data")
+    meta = prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir))
+    return data_dir, meta
+
+
+def tiny_cfg(data_dir, out_dir, **overrides):
+    """A model small enough to train in a second on a CPU."""
+    cfg = {k: config.config[k] for g in (config.paths, config.system, config.model, config.train) for k in g}
+    cfg.update(data_dir=str(data_dir), out_dir=str(out_dir), device="cpu", compile=False, preset="",
+               n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=8, eval_interval=4,
+               eval_iters=2, log_interval=1, learning_rate=3e-3, min_lr=3e-4)
+    cfg.update(overrides)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# config.py
+
+
+def test_config_parses_types_and_rejects_mistakes():
+    cfg = config.get_config(["--learning_rate=1", "--compile=False", "--device=cpu", "--start=42"],
+                            [config.train, config.system, config.sample])
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
+    assert cfg["compile"] is False and cfg["device"] == "cpu" and cfg["start"] == "42"
+    assert config.get_config(["--preset=cpu", "--max_iters=7"], [config.model, config.train])["n_layer"] == \
+        config.presets["cpu"]["n_layer"]
+    for bad in (["--learning_rat=1"], ["--max_iters=1.5"], ["max_iters=3"], ["--max_iters"], ["--preset=gpu"]):
+        with pytest.raises(SystemExit) as e:
+            config.get_config(bad, [config.train])
+        assert e.value.code == 2
+
+
+def test_usage_errors_name_the_key(tmp_path):
+    r = run("train.py", "--learning_rat=0.1")
+    assert r.returncode == 2 and "--learning_rate" in r.stderr and "Traceback" not in r.stderr
+    r = run("train.py", "--batch_size=big")
+    assert r.returncode == 2 and "--batch_size" in r.stderr and "int" in r.stderr
+    r = run("prepare.py", "--n_layer=3")  # a training key is not prepare.py's
+    assert r.returncode == 2 and "--n_layer" in r.stderr
+    r = run("sample.py", "--help")
+    assert r.returncode == 0 and "--temperature=" in r.stdout and "--learning_rate" not in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# tokenizer.py and prepare.py
+
+
+def test_tokenizer_is_gpt2(enc):
+    # GPT-2's published vocabulary: "Hello" is 15496, " world" 995, <|endoftext|> 50256
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == EOT == 50256
+    text = "Lily saw a big, red ball. \"Wow!\" she said. Caf\u00e9 \u2014 \U0001F600"
+    assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_round_trip_and_split_sizes(demo_data, enc):
+    data_dir, meta = demo_data
+    stories = demo_stories()
+    every = round(1 / config.data["val_fraction"])
+    expected = {"validation": [s for i, s in enumerate(stories) if i % every == every - 1],
+                "train": [s for i, s in enumerate(stories) if i % every != every - 1]}
+    for split, want in expected.items():
+        ids = read_bin(os.path.join(data_dir, f"{split}.bin"))
+        assert ids.max() < 50257 and (ids == EOT).sum() == len(want) and ids[-1] == EOT
+        assert enc.decode(ids.tolist()) == "".join(s + "<|endoftext|>" for s in want)
+        assert ids.tolist() == [t for s in want for t in enc.encode_ordinary(s) + [EOT]]
+        assert meta["splits"][split] == dict(tokens=len(ids), stories=len(want),
+                                             bytes=sum(len(s.encode()) for s in want))
+
+
+def test_every_local_format_gives_the_same_bins(tmp_path):
+    stories = demo_stories()
+    train, valid = stories[:40], stories[40:]
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "TinyStories-train.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in train))
+    (tmp_path / "txt" / "TinyStories-valid.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in valid))
+    (tmp_path / "gz").mkdir()
+    for split, rows in (("train", train), ("valid", valid)):
+        with gzip.open(tmp_path / "gz" / f"{split}.txt.gz", "wt") as f:
+            f.write("".join(f"{s}\n<|endoftext|>\n" for s in rows))
+    (tmp_path / "jsonl").mkdir()
+    for split, rows in (("train", train), ("validation", valid)):
+        (tmp_path / "jsonl" / f"{split}.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in rows))
+    (tmp_path / "json").mkdir()
+    for split, rows in (("train", train), ("valid", valid)):
+        (tmp_path / "json" / f"{split}.json").write_text(json.dumps([{"text": s, "id": i} for i, s in enumerate(rows)]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "parquet").mkdir()
+    for split, rows in (("train", train), ("validation", valid)):
+        pq.write_table(pa.table({"text": rows}), tmp_path / "parquet" / f"{split}-00000-of-00001.parquet")
+    bins = {}
+    for fmt in ("txt", "gz", "jsonl", "json", "parquet"):
+        out = tmp_path / f"out_{fmt}"
+        meta = prepare.prepare(prepare_cfg(tmp_path / fmt, out))
+        assert meta["splits"]["train"]["stories"] == len(train)
+        assert meta["splits"]["validation"]["stories"] == len(valid)
+        bins[fmt] = [(out / f"{s}.bin").read_bytes() for s in prepare.SPLITS]
+    assert all(b == bins["txt"] for b in bins.values())
+    # one file alone: split deterministically, the same way twice
+    metas = [prepare.prepare(prepare_cfg(tmp_path / "txt" / "TinyStories-train.txt", tmp_path / f"one{i}"))
+             for i in range(2)]
+    assert metas[0]["splits"] == metas[1]["splits"]
+    assert (tmp_path / "one0" / "train.bin").read_bytes() == (tmp_path / "one1" / "train.bin").read_bytes()
+
+
+def test_rerun_skips_and_force_rebuilds(demo_data, capsys):
+    data_dir, meta = demo_data
+    before = tree_state(data_dir)
+    assert prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir)) == meta
+    assert "up to date" in capsys.readouterr().out
+    assert tree_state(data_dir) == before
+    prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir, force=True))
+    after = tree_state(data_dir)
+    for split in prepare.SPLITS:
+        path = str(data_dir / f"{split}.bin")
+        assert after[path][2] == before[path][2] and after[path][1] != before[path][1]
+
+
+def test_offline_hub_falls_back_to_the_demo_corpus(tmp_path):
+    start = time.time()
+    r = run("prepare.py", f"--data_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    assert "Cannot reach the Hugging Face hub" in r.stdout and "--dataset=PATH" in r.stdout
+    assert json.loads((tmp_path / "meta.json").read_text())["source"]["file"]["path"] == prepare.DEMO_CORPUS
+    assert time.time() - start < 30
+
+
+def test_prepare_bad_inputs(tmp_path):
+    (tmp_path / "stories.csv").write_text("text\nhello\n")
+    (tmp_path / "empty.txt").write_text("\n<|endoftext|>\n\n")
+    (tmp_path / "notext.jsonl").write_text('{"story": "Once upon a time"}\n')
+    (tmp_path / "broken.jsonl").write_text('{"text": "Once"\n')
+    (tmp_path / "nosplits").mkdir()
+    (tmp_path / "nosplits" / "stories.txt").write_text("a\n<|endoftext|>\n")
+    out = tmp_path / "out"
+    cases = {
+        str(tmp_path / "missing.txt"): "no such file or folder",
+        str(tmp_path / "stories.csv"): "unknown file type",
+        str(tmp_path / "empty.txt"): "holds no stories",
+        str(tmp_path / "notext.jsonl"): '"text"',
+        str(tmp_path / "broken.jsonl"): "not valid JSON",
+        str(tmp_path / "nosplits"): "'train' in its name",
+    }
+    for dataset, message in cases.items():
+        r = run("prepare.py", f"--dataset={dataset}", f"--data_dir={out}")
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (dataset, r.stderr)
+        assert not (out / "train.bin").exists() and not (out / "meta.json").exists()
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path, enc):
+    (tmp_path / "bad.txt").write_bytes(b"Tom had a \xff\xfe hat.\n<|endoftext|>\n" * 20)
+    r = run("prepare.py", f"--dataset={tmp_path / 'bad.txt'}", f"--data_dir={tmp_path / 'out'}")
+    assert r.returncode == 0 and "40 invalid UTF-8" in r.stdout
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["invalid_utf8_replaced"] == 40
+    assert enc.decode(read_bin(tmp_path / "out" / "train.bin")[:20].tolist()).startswith("Tom had a \ufffd\ufffd hat.")
+
+
+def test_prepare_never_clobbers_foreign_files(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"precious")
+    r = run("prepare.py", f"--dataset={prepare.DEMO_CORPUS}", f"--data_dir={tmp_path}")
+    assert r.returncode == 1 and "refusing to overwrite" in r.stderr
+    assert (tmp_path / "train.bin").read_bytes() == b"precious"
+
+
+def big_corpus(tmp_path):
+    """~1.6M tokens: long enough to kill prepare.py in the middle."""
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"{s} {i}\n<|endoftext|>\n" for i in range(120) for s in demo_stories()))
+    return path
+
+
+def test_prepare_killed_mid_write_leaves_nothing_finished(tmp_path):
+    corpus = big_corpus(tmp_path)
+    reference = tmp_path / "reference"
+    assert run("prepare.py", f"--dataset={corpus}", f"--data_dir={reference}").returncode == 0
+    out = tmp_path / "out"
+    for delay in (0.8, 1.4, 2.0):
+        p = subprocess.Popen([sys.executable, "prepare.py", f"--dataset={corpus}", f"--data_dir={out}"],
+                             cwd=HERE, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+        meta = prepare.read_meta(out)
+        if prepare.is_complete(meta, out):  # finished before the kill: then it must be whole
+            assert (out / "train.bin").read_bytes() == (reference / "train.bin").read_bytes()
+        else:  # train.py must refuse it
+            with pytest.raises(config.UserError):
+                train_script.load_bins(out, 50257, 16)
+    assert run("prepare.py", f"--dataset={corpus}", f"--data_dir={out}").returncode == 0
+    for split in prepare.SPLITS:
+        assert (out / f"{split}.bin").read_bytes() == (reference / f"{split}.bin").read_bytes()
+
+
+# -----------------------------------------------------------------------------
+# model.py
+
+
+def test_parameter_counts_of_the_default_model():
+    c = GPTConfig()
+    model = GPT(c)
+    n_params, n_total = model.num_params()
+    per_block = 12 * c.n_embd ** 2 + 2 * c.n_embd  # attention 4C^2, MLP 8C^2, two LayerNorm gains
+    assert n_params == c.n_layer * per_block + c.n_embd  # + the final LayerNorm
+    assert n_total == n_params + c.padded_vocab_size * c.n_embd + c.block_size * c.n_embd
+    assert 10.5e6 < n_params < 10.7e6 and 29e6 < n_total < 31e6
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+    assert c.padded_vocab_size % 64 == 0 and c.padded_vocab_size >= 50257
+
+
+def test_initial_loss_and_causality():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).eval()
+    x = torch.randint(0, 50257, (2, 16))
+    logits, loss = model(x, x)
+    assert logits.shape == (2, 16, model.config.padded_vocab_size)
+    assert abs(loss.item() - math.log(50257)) < 0.5
+    x2 = x.clone()
+    x2[:, 9] = (x2[:, 9] + 1) % 50257
+    logits2, _ = model(x2)
+    assert torch.allclose(logits[:, :9], logits2[:, :9], atol=1e-6)
+    assert not torch.allclose(logits[:, 9:], logits2[:, 9:])
+
+
+def test_attention_equals_the_manual_math():
+    torch.manual_seed(0)
+    attn = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=32, block_size=8)).h[0].attn
+    x = torch.randn(3, 8, 32)
+    B, T, C = x.shape
+    q, k, v = (t.view(B, T, 4, 8).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(8)
+    att = att.masked_fill(torch.ones(T, T).tril() == 0, float("-inf")).softmax(dim=-1)
+    manual = attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+    assert torch.allclose(attn(x), manual, atol=1e-5)
+
+
+def test_fused_loss_equals_plain_cross_entropy():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    x, y = torch.randint(0, 50257, (2, 3, 16))
+    grads = []
+    for fused in (False, True):
+        model.fused_loss = fused
+        model.zero_grad()
+        _, loss = model(x, y)
+        (2 * loss).backward()  # a non-unit upstream gradient, as gradient accumulation gives
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(a, b, atol=1e-6)
+    with torch.no_grad():  # evaluation takes the same path without computing gradients
+        assert model(x, y)[1].item() == pytest.approx(grads[0][0], rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# train.py
+
+
+def test_lr_schedule():
+    cfg = dict(learning_rate=1e-3, min_lr=1e-4, max_iters=1000, warmup_iters=-1, lr_decay_iters=-1)
+    lrs = [train_script.get_lr(s, cfg) for s in range(1001)]
+    warmup = 20  # 2% of max_iters
+    assert 0 < lrs[0] < lrs[warmup - 1] < lrs[warmup] == cfg["learning_rate"]
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    assert lrs[1000] == cfg["min_lr"] and lrs[510] == pytest.approx((1e-3 + 1e-4) / 2)
+    short = [train_script.get_lr(s, {**cfg, "max_iters": 10}) for s in range(11)]  # a whole schedule too
+    assert max(short) == cfg["learning_rate"] and short[-1] == cfg["min_lr"]
+    explicit = {**cfg, "warmup_iters": 100, "lr_decay_iters": 500}
+    assert train_script.get_lr(100, explicit) == 1e-3 and train_script.get_lr(700, explicit) == 1e-4
+
+
+def test_get_batch(demo_data):
+    data_dir, _ = demo_data
+    bins, _ = train_script.load_bins(data_dir, 50257, 16)
+    data = read_bin(data_dir / "train.bin")
+    batches = [train_script.get_batch(bins["train"], 4, 16, torch.Generator().manual_seed(1), torch.device("cpu"))
+               for _ in range(2)]
+    (x, y), (x2, y2) = batches
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x, x2) and torch.equal(y, y2)
+    for row in range(4):  # each row is a real window of the bin
+        start = next(i for i in range(len(data) - 16) if np.array_equal(data[i:i + 16], x[row].numpy()))
+        assert data[start + 16] == y[row, -1]
+
+
+def test_overfit_a_fixed_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16))
+    model.fused_loss = True
+    x, y = torch.randint(0, 50257, (2, 4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(80):
+        _, loss = model(x, y)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+def test_training_lowers_the_loss_and_writes_its_files(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    out = train_script.train(tiny_cfg(data_dir, tmp_path, max_iters=40, eval_interval=20))
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 2 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 1
+    assert out["best_val_loss"] == min(r["val_loss"] for r in evals)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 40 and ckpt["config"]["n_embd"] == 32
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["val_loss"] == out["best_val_loss"]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_equals_an_uninterrupted_run(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    common = dict(warmup_iters=2, lr_decay_iters=10, dropout=0.1, eval_interval=5)
+    straight = train_script.train(tiny_cfg(data_dir, tmp_path / "a", max_iters=10, **common))
+    train_script.train(tiny_cfg(data_dir, tmp_path / "b", max_iters=4, **common))
+    resumed = train_script.train(tiny_cfg(data_dir, tmp_path / "b", max_iters=10, init_from="resume", **common),
+                                 explicit={"max_iters", "init_from"})
+    assert same_weights(weights(straight["model"]), weights(resumed["model"]))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
+    assert a["step"] == b["step"] == 10
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    one = train_script.train(tiny_cfg(data_dir, tmp_path / "a", batch_size=8, max_iters=3))
+    two = train_script.train(tiny_cfg(data_dir, tmp_path / "b", batch_size=4, gradient_accumulation_steps=2,
+                                      max_iters=3))
+    a, b = weights(one["model"]), weights(two["model"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not same_weights(a, weights(train_script.train(tiny_cfg(data_dir, tmp_path / "c", max_iters=3))["model"]))
+
+
+def test_train_bad_inputs(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    assert train_script.train(tiny_cfg(data_dir, tmp_path / "run", max_iters=2))
+    before = tree_state(tmp_path / "run")
+    tiny = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+            "--eval_iters=1", f"--out_dir={tmp_path / 'run'}"]
+    (tmp_path / "huge").mkdir()
+    cases = [
+        ([f"--data_dir={tmp_path / 'nowhere'}"], "run prepare.py first"),
+        ([f"--data_dir={data_dir}", "--block_size=100000"], "block_size"),
+        ([f"--data_dir={data_dir}", "--vocab_size=1000"], "vocabulary"),
+        ([f"--data_dir={data_dir}", "--init_from=resume", "--n_layer=3"], "cannot change on resume"),
+        ([f"--data_dir={data_dir}", "--init_from=resume", f"--out_dir={tmp_path / 'none'}"], "no checkpoint"),
+        ([f"--data_dir={data_dir}", "--eval_only=True"], "--init_from=resume"),
+        ([f"--data_dir={data_dir}", "--min_lr=0.1"], "below --learning_rate"),
+        ([f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=20", "--learning_rate=1e9"], "diverged"),
+    ]
+    for args, message in cases:
+        r = run("train.py", *tiny, *args)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert tree_state(tmp_path / "run") == before, args
+
+
+def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    args = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+            "--eval_iters=1", "--eval_interval=1000", "--max_iters=300", "--warmup_iters=5", "--log_interval=1",
+            f"--data_dir={data_dir}"]
+    straight = tmp_path / "straight"
+    assert run("train.py", *args, f"--out_dir={straight}").returncode == 0
+    out = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=HERE, env=OFFLINE_ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 20:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 0 < step < 300
+    r = run("train.py", *args, f"--out_dir={out}", "--init_from=resume")
+    assert r.returncode == 0, r.stderr
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (straight, out))
+    assert same_weights(a, b)
+
+
+def test_torchrun_two_cpu_ranks_end_with_identical_weights(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    script = tmp_path / "ddp_run.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import test_all, train\n"
+        f"cfg = test_all.tiny_cfg({str(data_dir)!r}, {str(tmp_path / 'out')!r}, gradient_accumulation_steps=2,"
+        " max_iters=4)\n"
+        "out = train.train(cfg)\n"
+        f"torch.save(out['model'].state_dict(), os.path.join({str(tmp_path)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], cwd=tmp_path, env=OFFLINE_ENV, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
+    assert same_weights(a, b)
+    assert same_weights(a, torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model"])
+
+
+# -----------------------------------------------------------------------------
+# sample.py and the full-split evaluation
+
+
+@pytest.fixture(scope="session")
+def trained(demo_data, tmp_path_factory):
+    """A tiny model trained for a few steps: (out_dir, model)."""
+    data_dir, _ = demo_data
+    out_dir = tmp_path_factory.mktemp("trained")
+    out = train_script.train(tiny_cfg(data_dir, out_dir, max_iters=30, eval_interval=30))
+    return out_dir, out["model"].eval()
+
+
+def steps(model, prompt, n, use_cache, temperature=0.0, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    out = list(model.generate(prompt, n, temperature=temperature, generator=g, use_cache=use_cache, **kw))
+    return torch.cat([t for t, _ in out], dim=1), torch.stack([l for _, l in out])
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16])
+def test_kv_cache_matches_recomputation_within_and_past_the_context(trained, prompt_len):
+    _, model = trained
+    prompt = torch.randint(0, 50257, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    tokens, logits = steps(model, prompt, 45, use_cache=True)  # block_size is 16: the window slides
+    tokens2, logits2 = steps(model, prompt, 45, use_cache=False)
+    assert torch.equal(tokens, tokens2)
+    assert torch.allclose(logits, logits2, atol=1e-4)
+    assert logits.shape == (45, 2, 50257)  # padded ids are never offered
+
+
+def test_cache_with_a_past_and_several_new_tokens(trained):
+    _, model = trained  # the Tq != Tk case of attention: new queries attend to cached keys through a mask
+    from model import KVCache
+    x = torch.randint(0, 50257, (1, 12))
+    full, _ = model(x)
+    cache = KVCache(model.config, 1, x.device, torch.float32)
+    model(x[:, :7], cache=cache)
+    part, _ = model(x[:, 7:], cache=cache)
+    assert torch.allclose(full[:, 7:], part, atol=1e-5)
+
+
+def test_sampling_rules():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1000, generator=g)
+    top5 = logits.topk(5).indices
+    probs = logits.softmax(-1)
+    sorted_p, order = probs.sort(descending=True)
+    nucleus = [set(order[r, :int((sorted_p[r].cumsum(0) < 0.5).sum()) + 1].tolist()) for r in range(4)]
+    for _ in range(200):
+        t = sample_token(logits, 1.0, top_k=5, generator=g)
+        assert all(t[r, 0] in top5[r] for r in range(4))
+        t = sample_token(logits, 1.0, top_p=0.5, generator=g)
+        assert all(t[r, 0].item() in nucleus[r] for r in range(4))
+    assert torch.equal(sample_token(logits, 0.0), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_token(logits, 1.0, top_k=1, generator=g), logits.argmax(-1, keepdim=True))
+    a, b = (sample_token(logits, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def sample_cfg(out_dir, **overrides):
+    cfg = {**{k: config.config[k] for k in ("out_dir", "checkpoint", "device", "dtype", "seed")}, **config.sample}
+    return {**cfg, "out_dir": str(out_dir), "device": "cpu", "max_new_tokens": 40, **overrides}
+
+
+def test_sample_streams_what_it_returns_and_repeats_with_a_seed(trained):
+    out_dir, _ = trained
+    stream = io.StringIO()
+    stories = sample_script.sample(sample_cfg(out_dir, num_samples=2, start="Once upon a time"), out=stream)
+    assert len(stories) == 2 and all(s.startswith("Once upon a time") for s in stories)
+    assert stream.getvalue() == stories[0] + "\n" + "-" * 40 + "\n" + stories[1] + "\n"
+    assert sample_script.sample(sample_cfg(out_dir, num_samples=2, start="Once upon a time"), out=None) == stories
+    other = sample_script.sample(sample_cfg(out_dir, num_samples=2, start="Once upon a time", seed=2), out=None)
+    assert other != stories
+    greedy = [sample_script.sample(sample_cfg(out_dir, temperature=0.0, seed=s, num_samples=1), out=None)
+              for s in (1, 2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_streaming_never_splits_a_character(trained, enc):
+    out_dir, model = trained
+
+    class Scripted:  # a "model" whose next tokens spell out a string with multi-byte characters
+        def __init__(self, ids):
+            self.ids = ids
+            self.config = model.config
+
+        def parameters(self):
+            return model.parameters()
+
+        def generate(self, idx, n, *args):
+            for t in self.ids[:n]:
+                yield torch.tensor([[t]]), None
+
+    text = "Caf\u00e9 \U0001F600 \u4f60\u597d"
+    ids = enc.encode_ordinary(text)
+    assert any(not enc.decode_single_token_bytes(t).decode("utf-8", "ignore") for t in ids)  # split bytes
+    pieces = []
+
+    class Out:
+        def write(self, s):
+            pieces.append(s)
+
+        def flush(self):
+            pass
+
+    got = sample_script.generate_text(Scripted(ids), enc, [EOT], sample_cfg(out_dir), None, Out())
+    assert got == text and "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+
+
+def test_full_split_evaluation_equals_a_hand_computation(trained, tmp_path):
+    _, model = trained
+    ids = torch.randint(0, 50257, (50,), generator=torch.Generator().manual_seed(3))
+    (tmp_path / "validation.bin").write_bytes(ids.numpy().astype(np.uint16).tobytes())
+    data = train_script.Bin(str(tmp_path / "validation.bin"), 50)
+    loss, ppl, bpb = train_script.evaluate_split(model, data, 123, 16, 2, torch.no_grad(), torch.device("cpu"))
+    nats = 0.0
+    for start in range(0, 49, 16):  # windows [0,16], [16,32], [32,48], [48,49]: every target once
+        window = ids[start:start + 17]
+        logits, _ = model(window[None, :-1])
+        nats += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+    assert loss == pytest.approx(nats / 49, rel=1e-5)
+    assert ppl == pytest.approx(math.exp(nats / 49), rel=1e-5)
+    assert bpb == pytest.approx(nats / math.log(2) / 123, rel=1e-5)
+
+
+def test_eval_only_prints_one_line_with_all_three(demo_data, trained):
+    data_dir, _ = demo_data
+    out_dir, _ = trained
+    r = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=resume",
+            "--eval_only=True", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert "nats/token" in line and "perplexity" in line and "bits/byte" in line
+
+
+def test_sample_bad_inputs(trained, tmp_path):
+    out_dir, _ = trained
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(os.urandom(5000))
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / "ckpt.pt").write_bytes((out_dir / "ckpt.pt").read_bytes()[:100000])
+    before = tree_state(out_dir)
+    d = f"--out_dir={out_dir}"
+    cases = [
+        ([f"--out_dir={tmp_path / 'none'}"], "no checkpoint"),
+        ([f"--out_dir={tmp_path / 'corrupt'}"], "not a readable checkpoint"),
+        ([f"--out_dir={tmp_path / 'truncated'}"], "not a readable checkpoint"),
+        ([d, "--temperature=-1"], "--temperature"),
+        ([d, "--top_p=0"], "--top_p"),
+        ([d, "--top_p=1.5"], "--top_p"),
+        ([d, "--top_k=0"], "--top_k"),
+        ([d, "--num_samples=0"], "--num_samples"),
+        ([d, f"--start=FILE:{tmp_path / 'nope.txt'}"], "cannot read the prompt file"),
+        ([d, f"--start=FILE:{tmp_path / 'empty.txt'}"], "is empty"),
+        ([d, f"--start=FILE:{tmp_path / 'latin1.txt'}"], "not UTF-8"),
+        ([d, "--start=" + "Once upon a time " * 10], "longer than the model's context"),
+    ]
+    for args, message in cases:
+        r = run("sample.py", "--device=cpu", *args)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert tree_state(out_dir) == before
+
+
+def test_sample_rejects_a_checkpoint_for_another_vocabulary(trained, tmp_path):
+    out_dir, _ = trained
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    ckpt["config"]["vocab_size"] = 32000
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    r = run("sample.py", f"--out_dir={tmp_path}", "--device=cpu")
+    assert r.returncode == 1 and "vocabulary" in r.stderr
+    ckpt["config"]["vocab_size"], ckpt["config"]["n_embd"] = 50257, 48  # weights no longer fit the config
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    r = run("sample.py", f"--out_dir={tmp_path}", "--device=cpu")
+    assert r.returncode == 1 and "does not fit" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compile_bf16_trains(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    out = train_script.train(tiny_cfg(data_dir, tmp_path, device="cuda", compile=True, dtype="auto", max_iters=20,
+                                      eval_interval=20))
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "val_loss" in line]
+    assert math.isfinite(out["best_val_loss"]) and rows[-1]["val_loss"] < rows[0]["val_loss"]
