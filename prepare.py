@@ -352,8 +352,8 @@ def prepare(cfg):
     return meta
 
 
-if __name__ == "__main__":
-    cfg = get_config(sys.argv[1:], [data, ["data_dir"]], "prepare.py")
+def main(argv):
+    cfg = get_config(argv, [data, ["data_dir"]], "prepare.py")
     try:
         prepare(cfg)
     except UserError as e:
@@ -362,6 +362,10 @@ if __name__ == "__main__":
         sys.exit("interrupted: the bins already in place, if any, are untouched")
     except OSError as e:
         sys.exit(f"error: {e.strerror or e} ({e.filename or cfg['data_dir']}); the bins already in place, if any, are untouched")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
 
 # Full TinyStories from the hub: train ~2.1M stories, ~471M tokens (train.bin ~0.95 GB);
 # validation ~22K stories, ~4.7M tokens (validation.bin ~9.4 MB). meta.json holds the exact counts.

@@ -105,11 +105,15 @@ def sample(cfg, out=sys.stdout):
     return stories
 
 
-if __name__ == "__main__":
-    cfg = get_config(sys.argv[1:], [["out_dir", "checkpoint", "device", "dtype", "seed"], sample_keys], "sample.py")
+def main(argv):
+    cfg = get_config(argv, [["out_dir", "checkpoint", "device", "dtype", "seed"], sample_keys], "sample.py")
     try:
         sample(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -43,6 +43,14 @@ def run(script, *args, cwd=HERE, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def fails_with(main, args, message):
+    """Call a script's main(args) in-process, as its command line would: it must exit 1 with `message`."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    assert isinstance(e.value.code, str) and e.value.code.startswith("error:"), (args, e.value.code)
+    assert message in e.value.code, (args, e.value.code)
+
+
 def tree_state(folder):
     """{file: (size, mtime_ns, bytes)} of every file under folder: to prove nothing changed."""
     state = {}
@@ -215,9 +223,10 @@ def test_prepare_bad_inputs(tmp_path):
         str(tmp_path / "nosplits"): "'train' in its name",
     }
     for dataset, message in cases.items():
-        r = run("prepare.py", f"--dataset={dataset}", f"--data_dir={out}")
-        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (dataset, r.stderr)
+        fails_with(prepare.main, [f"--dataset={dataset}", f"--data_dir={out}"], message)
         assert not (out / "train.bin").exists() and not (out / "meta.json").exists()
+    r = run("prepare.py", f"--dataset={tmp_path / 'missing.txt'}", f"--data_dir={out}")  # once for real
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: --dataset={tmp_path / 'missing.txt'}: no such file or folder"]
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, enc):
@@ -408,8 +417,12 @@ def test_resume_equals_an_uninterrupted_run(demo_data, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
 
 
-def test_gradient_accumulation_equals_a_bigger_batch(demo_data, tmp_path):
+def test_gradient_accumulation_equals_a_bigger_batch(demo_data, tmp_path, monkeypatch):
     data_dir, _ = demo_data
+    # plain SGD: Adam's first steps are about sign(gradient), which turns rounding noise in near-zero
+    # gradients into whole learning-rate steps and would hide what this test is about
+    monkeypatch.setattr(train_script, "make_optimizer", lambda model, cfg, device: torch.optim.SGD(
+        model.parameters(), lr=cfg["learning_rate"]))
     one = train_script.train(tiny_cfg(data_dir, tmp_path / "a", batch_size=8, max_iters=3))
     two = train_script.train(tiny_cfg(data_dir, tmp_path / "b", batch_size=4, gradient_accumulation_steps=2,
                                       max_iters=3))
@@ -436,28 +449,29 @@ def test_train_bad_inputs(demo_data, tmp_path):
         ([f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=20", "--learning_rate=1e9"], "diverged"),
     ]
     for args, message in cases:
-        r = run("train.py", *tiny, *args)
-        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        fails_with(train_script.main, tiny + args, message)
         assert tree_state(tmp_path / "run") == before, args
+    r = run("train.py", *tiny, f"--data_dir={tmp_path / 'nowhere'}")  # once for real
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "prepare.py" in r.stderr
 
 
 def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
     data_dir, _ = demo_data
     args = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-            "--eval_iters=1", "--eval_interval=1000", "--max_iters=300", "--warmup_iters=5", "--log_interval=1",
+            "--eval_iters=1", "--eval_interval=1000", "--max_iters=150", "--warmup_iters=5", "--log_interval=1",
             f"--data_dir={data_dir}"]
     straight = tmp_path / "straight"
     assert run("train.py", *args, f"--out_dir={straight}").returncode == 0
     out = tmp_path / "stopped"
     p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=HERE, env=OFFLINE_ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 20:
+    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 10:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    assert 0 < step < 300
+    assert 0 < step < 150
     r = run("train.py", *args, f"--out_dir={out}", "--init_from=resume")
     assert r.returncode == 0, r.stderr
     a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (straight, out))
@@ -643,9 +657,10 @@ def test_sample_bad_inputs(trained, tmp_path):
         ([d, "--start=" + "Once upon a time " * 10], "longer than the model's context"),
     ]
     for args, message in cases:
-        r = run("sample.py", "--device=cpu", *args)
-        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        fails_with(sample_script.main, ["--device=cpu", *args], message)
     assert tree_state(out_dir) == before
+    r = run("sample.py", "--device=cpu", "--top_k=0", d)  # once for real
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "--top_k" in r.stderr
 
 
 def test_sample_rejects_a_checkpoint_for_another_vocabulary(trained, tmp_path):
@@ -653,12 +668,10 @@ def test_sample_rejects_a_checkpoint_for_another_vocabulary(trained, tmp_path):
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
     ckpt["config"]["vocab_size"] = 32000
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    r = run("sample.py", f"--out_dir={tmp_path}", "--device=cpu")
-    assert r.returncode == 1 and "vocabulary" in r.stderr
+    fails_with(sample_script.main, [f"--out_dir={tmp_path}", "--device=cpu"], "vocabulary")
     ckpt["config"]["vocab_size"], ckpt["config"]["n_embd"] = 50257, 48  # weights no longer fit the config
     torch.save(ckpt, tmp_path / "ckpt.pt")
-    r = run("sample.py", f"--out_dir={tmp_path}", "--device=cpu")
-    assert r.returncode == 1 and "does not fit" in r.stderr and "Traceback" not in r.stderr
+    fails_with(sample_script.main, [f"--out_dir={tmp_path}", "--device=cpu"], "does not fit")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -478,10 +478,10 @@ def plot_losses(out_dir):
     plt.close(fig)
 
 
-if __name__ == "__main__":
+def main(argv):
     groups = [paths, system, model_keys, train_keys]
-    cfg = get_config(sys.argv[1:], groups, "train.py")
-    explicit = set(parse_args(sys.argv[1:], cfg, "train.py"))
+    cfg = get_config(argv, groups, "train.py")
+    explicit = set(parse_args(argv, cfg, "train.py"))
     try:
         train(cfg, explicit)
     except UserError as e:
@@ -489,3 +489,7 @@ if __name__ == "__main__":
     except (torch.OutOfMemoryError, MemoryError):
         sys.exit(f"error: batch_size={cfg['batch_size']} does not fit in memory: lower --batch_size and raise "
                  f"--gradient_accumulation_steps to keep the tokens per step")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
