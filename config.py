@@ -70,8 +70,8 @@ presets = dict(
     # A 2-core laptop: README's main job in about 10 minutes. Small enough to train fast on a CPU,
     # big enough to print recognisable story text.
     cpu=dict(
-        n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, max_iters=600,
-        learning_rate=2e-3, min_lr=2e-4, eval_interval=100, eval_iters=20, compile=False,
+        n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_iters=600,
+        learning_rate=3e-3, min_lr=3e-4, eval_interval=200, eval_iters=10, compile=False,
     ),
 )
 

@@ -478,6 +478,70 @@ def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
     assert same_weights(a, b)
 
 
+def test_kill_9_at_random_moments_never_damages_the_checkpoint(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    args = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+            "--eval_iters=1", "--eval_interval=3", "--max_iters=60", "--log_interval=1", f"--data_dir={data_dir}"]
+    straight = tmp_path / "straight"
+    assert run("train.py", *args, f"--out_dir={straight}").returncode == 0
+    out = tmp_path / "killed"
+    rng = np.random.default_rng(0)
+    for trial in range(3):
+        resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
+        p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}", *resume], cwd=HERE,
+                             env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(2.5 + rng.uniform(0, 1.5))  # start-up takes ~2 s; checkpoints every 3 steps after it
+        p.kill()
+        p.wait()
+        if (out / "ckpt.pt").exists():  # whatever the moment, the file on disk is whole
+            assert torch.load(out / "ckpt.pt", weights_only=True)["step"] <= 60
+    resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
+    assert run("train.py", *args, f"--out_dir={out}", *resume).returncode == 0
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (straight, out))
+    assert same_weights(a, b)
+
+
+def test_full_disk_keeps_the_previous_files(demo_data, tmp_path, monkeypatch):
+    import errno
+
+    data_dir, _ = demo_data
+    train_script.train(tiny_cfg(data_dir, tmp_path / "run", max_iters=2))
+    before = tree_state(tmp_path / "run")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "ckpt.pt.tmp"))
+
+    monkeypatch.setattr(torch, "save", no_space)
+    tiny = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+            "--eval_iters=1", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--init_from=resume",
+            "--max_iters=4"]
+    fails_with(train_script.main, tiny, "No space left on device")
+    after = tree_state(tmp_path / "run")
+    assert {k: v for k, v in after.items() if not k.endswith("log.jsonl")} == \
+        {k: v for k, v in before.items() if not k.endswith("log.jsonl")}
+    # the same for prepare.py: a failure while writing a bin leaves the finished bins alone
+    prepared = tmp_path / "data"
+    prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, prepared))
+    bins = tree_state(prepared)
+    monkeypatch.setattr(prepare, "encode_chunk", no_space)
+    fails_with(prepare.main, [f"--dataset={prepare.DEMO_CORPUS}", f"--data_dir={prepared}", "--force=True"],
+               "No space left on device")
+    assert tree_state(prepared) == bins
+
+
+def test_a_truncated_or_odd_sized_bin_is_refused(demo_data, tmp_path):
+    import shutil
+
+    data_dir, _ = demo_data
+    for cut in (1, 2, 1000):
+        copy = tmp_path / f"cut{cut}"
+        shutil.copytree(data_dir, copy)
+        with open(copy / "train.bin", "r+b") as f:
+            f.truncate(os.path.getsize(copy / "train.bin") - cut)
+        with pytest.raises(config.UserError, match="truncated"):
+            train_script.load_bins(copy, 50257, 16)
+
+
 def test_torchrun_two_cpu_ranks_end_with_identical_weights(demo_data, tmp_path):
     data_dir, _ = demo_data
     script = tmp_path / "ddp_run.py"

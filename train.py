@@ -165,9 +165,14 @@ def evaluate_split(model, data, num_bytes, block_size, batch_size, ctx, device):
 def save_checkpoint(path, state):
     """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk, say: drop the partial file, keep the old one
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -486,6 +491,8 @@ def main(argv):
         train(cfg, explicit)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. a full disk while saving: the previous checkpoint is still in place
+        sys.exit(f"error: {e.strerror or e} ({e.filename}); files already in {cfg['out_dir']} are untouched")
     except (torch.OutOfMemoryError, MemoryError):
         sys.exit(f"error: batch_size={cfg['batch_size']} does not fit in memory: lower --batch_size and raise "
                  f"--gradient_accumulation_steps to keep the tokens per step")
