@@ -46,15 +46,17 @@ def read_stories(data):
     return stories
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec
 CHILD = """
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {here!r})
 import prepare
 t = time.time()
 meta = prepare.prepare(dict(dataset={path!r}, data_dir={out!r}, val_fraction=0.05, force=True))
 seconds = time.time() - t
 tokens = sum(s["tokens"] for s in meta["splits"].values())
-print("RESULT", tokens, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+peak_kb = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+print("RESULT", tokens, seconds, peak_kb)
 """
 
 

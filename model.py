@@ -182,13 +182,7 @@ class GPT(nn.Module):
         With fused_loss and targets, logits is None: the fused loss never holds them all.
         """
         B, T = idx.size()
-        start = cache.pos if cache is not None else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for layer, block in enumerate(self.h):
-            x = block(x, cache, layer)
-        x = self.ln_f(x)
+        x = self.hidden(idx, cache)
         if targets is not None and self.fused_loss:
             loss = FusedLinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 256,
                                                  torch.is_grad_enabled())
@@ -196,6 +190,17 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None if targets is None else F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1))
         return logits, loss
+
+    def hidden(self, idx, cache=None):
+        """The final hidden states (B, T, n_embd), before the head."""
+        start = cache.pos if cache is not None else 0
+        T = idx.size(1)
+        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for layer, block in enumerate(self.h):
+            x = block(x, cache, layer)
+        return self.ln_f(x)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's QK^T and AV."""
@@ -231,12 +236,13 @@ class GPT(nn.Module):
                 start = idx.size(1) - (block_size - slide)
                 cache, todo = None, idx[:, start:]
             if not use_cache:
-                logits, _ = self(idx[:, start:])
+                x = self.hidden(idx[:, start:])
             else:
                 if cache is None:
                     cache = KVCache(self.config, idx.size(0), idx.device, param.dtype)
-                logits, _ = self(todo, cache=cache)
-            logits = logits[:, -1, :self.config.vocab_size].float()  # never a padded id
+                x = self.hidden(todo, cache)
+            # the head on the last position only: 50K x n_embd is the biggest matrix by far
+            logits = self.lm_head(x[:, -1])[:, :self.config.vocab_size].float()  # never a padded id
             token = sample_token(logits, temperature, top_k, top_p, generator)
             yield token, logits
             idx, todo = torch.cat((idx, token), dim=1), token

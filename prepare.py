@@ -197,26 +197,28 @@ def file_stamp(path):
     return dict(path=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
-def read_split(source, split):
-    """(stories, progress) chunks of one split, and the bar's total and unit."""
+def read_splits(source):
+    """(split, stories, progress) chunks of both splits, in one pass over the input; and the bar's total and unit."""
     if source["kind"] == "hub":
-        return read_hub(source["name"], split), None, "rows"
+        chunks = ((split, stories, n) for split in SPLITS for stories, n in read_hub(source["name"], split))
+        return chunks, None, "rows"
     if source["kind"] == "files":
-        stamps = source["files"][split]
-        chunks = (c for s in stamps for c in READERS[file_format(s["path"])](s["path"]))
-        return chunks, sum(s["size"] for s in stamps), "B"
+        stamps = [(split, s) for split in SPLITS for s in source["files"][split]]
+        chunks = ((split, stories, n) for split, s in stamps for stories, n in READERS[file_format(s["path"])](s["path"]))
+        return chunks, sum(s["size"] for _, s in stamps), "B"
     # One file for both splits: every val_every-th story is validation, the rest train. Deterministic,
     # streaming, and spread evenly over the file.
     path, every = source["file"]["path"], source["val_every"]
 
-    def pick():
+    def split_file():
         index = 0
         for stories, progress in READERS[file_format(path)](path):
-            keep = [s for i, s in enumerate(stories, index) if (i % every == every - 1) == (split == "validation")]
+            is_val = [(i % every == every - 1) for i in range(index, index + len(stories))]
             index += len(stories)
-            yield keep, progress
+            yield "train", [s for s, v in zip(stories, is_val) if not v], progress
+            yield "validation", [s for s, v in zip(stories, is_val) if v], 0
 
-    return pick(), source["file"]["size"], "B"
+    return split_file(), source["file"]["size"], "B"
 
 
 # -----------------------------------------------------------------------------
@@ -226,43 +228,52 @@ def read_split(source, split):
 def encode_chunk(enc, stories):
     """Token ids of the stories, EOT after each, as uint16; and the UTF-8 size of their text."""
     ids = []
-    for tokens in enc.encode_ordinary_batch(stories, num_threads=1):
-        ids.extend(tokens)
+    for story in stories:  # encode_ordinary, not encode_ordinary_batch: that starts new threads every call
+        ids.extend(enc.encode_ordinary(story))
         ids.append(EOT)
     return np.array(ids, dtype=np.uint16), len("".join(stories).encode())
 
 
-def write_split(enc, source, split, path, workers):
-    """Tokenize one split into `path` (a temporary name); returns its counts."""
-    chunks, total, unit = read_split(source, split)
-    counts = dict(tokens=0, stories=0, bytes=0)
-    bar = tqdm(total=total, unit=unit, unit_scale=True, desc=f"{split:>10}", dynamic_ncols=True)
+def write_bins(enc, source, paths, workers):
+    """Tokenize both splits into paths[split] (temporary names); returns the counts of each split."""
+    chunks, total, unit = read_splits(source)
+    counts = {split: dict(tokens=0, stories=0, bytes=0) for split in SPLITS}
+    bar = tqdm(total=total, unit=unit, unit_scale=True, desc="tokenizing", dynamic_ncols=True)
     start = time.time()
+    files = {split: open(paths[split], "wb") for split in SPLITS}
     # tiktoken releases the GIL, so threads tokenize in parallel; the window of chunks in flight bounds memory
-    with open(path, "wb") as f, ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         in_flight = deque()
 
         def write_oldest():
-            ids, nbytes = in_flight.popleft().result()
-            f.write(ids.tobytes())
-            counts["tokens"] += len(ids)
-            counts["bytes"] += nbytes
+            split, future = in_flight.popleft()
+            ids, nbytes = future.result()
+            files[split].write(ids.tobytes())
+            counts[split]["tokens"] += len(ids)
+            counts[split]["bytes"] += nbytes
+            tokens = sum(c["tokens"] for c in counts.values())
+            bar.set_postfix_str(f"{tokens / (time.time() - start) / 1e6:.2f}M tok/s", refresh=False)
 
-        for stories, progress in chunks:
-            if stories:
-                counts["stories"] += len(stories)
-                in_flight.append(pool.submit(encode_chunk, enc, stories))
-            if len(in_flight) > 2 * workers:
+        try:
+            for split, stories, progress in chunks:
+                if stories:
+                    counts[split]["stories"] += len(stories)
+                    in_flight.append((split, pool.submit(encode_chunk, enc, stories)))
+                if len(in_flight) > 2 * workers:
+                    write_oldest()
+                bar.update(progress)
+            while in_flight:
                 write_oldest()
-            bar.update(progress)
-            bar.set_postfix_str(f"{counts['tokens'] / (time.time() - start + 1e-9) / 1e6:.2f}M tok/s", refresh=False)
-        while in_flight:
-            write_oldest()
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the file gets its final name
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the file gets its final name
+        finally:
+            for f in files.values():
+                f.close()
     bar.close()
-    if counts["stories"] == 0:
-        raise UserError(f"the {split} split of {describe(source)} holds no stories")
+    for split in SPLITS:
+        if counts[split]["stories"] == 0:
+            raise UserError(f"the {split} split of {describe(source)} holds no stories")
     return counts
 
 
@@ -324,14 +335,9 @@ def prepare(cfg):
     enc = get_tokenizer()
     workers = os.cpu_count() or 1
     print(f"Tokenizing {describe(source)} with GPT-2 BPE on {workers} threads into {data_dir}/")
-    splits, invalid = {}, {}
+    invalid_utf8[0] = 0
     try:
-        for split, path in zip(SPLITS, bins):
-            invalid_utf8[0] = 0
-            splits[split] = write_split(enc, source, split, path + ".tmp", workers)
-            invalid[split] = invalid_utf8[0]
-        # one file is read once per split, both times whole: count its bad bytes once
-        invalid_utf8[0] = invalid["train"] if source["kind"] == "one_file" else sum(invalid.values())
+        splits = write_bins(enc, source, {split: path + ".tmp" for split, path in zip(SPLITS, bins)}, workers)
         # meta says "incomplete" while the bins are swapped in, and "complete" only once both are in place
         meta = dict(version=META_VERSION, complete=False, tokenizer="gpt2", vocab_size=enc.n_vocab, eot=EOT,
                     dtype="uint16", source=source, splits=splits, invalid_utf8_replaced=invalid_utf8[0])
