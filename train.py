@@ -7,6 +7,7 @@ Train the GPT on the bins that prepare.py wrote.
     python train.py --init_from=resume --eval_only=True   # score ckpt.pt on the whole validation split
     torchrun --standalone --nproc_per_node=8 train.py # DDP on 8 GPUs (gloo when on CPU)
 """
+import datetime
 import json
 import math
 import os
@@ -251,7 +252,6 @@ def setup_ddp(cfg):
     if backend == "nccl":
         torch.cuda.set_device(local)
     # a rank that dies must not leave the others waiting forever
-    import datetime
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=120))
     return rank, world, local
 
