@@ -602,6 +602,16 @@ def test_cache_with_a_past_and_several_new_tokens(trained):
     assert torch.allclose(full[:, 7:], part, atol=1e-5)
 
 
+def test_decoding_head_follows_the_weights(trained):
+    # generate() keeps a transposed copy of the head: it must be rebuilt whenever the weights change
+    model = GPT(trained[1].config).eval()
+    x = torch.randint(0, 50257, (1, 5))
+    for _ in range(2):
+        _, logits = next(model.generate(x, 1, temperature=0))
+        assert torch.allclose(logits, model(x)[0][:, -1, :50257], atol=1e-5)
+        model.load_state_dict(trained[1].state_dict())  # in place, as a resume or an optimizer step would
+
+
 def test_sampling_rules():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 1000, generator=g)
@@ -618,6 +628,24 @@ def test_sampling_rules():
     assert torch.equal(sample_token(logits, 1.0, top_k=1, generator=g), logits.argmax(-1, keepdim=True))
     a, b = (sample_token(logits, 1.0, generator=torch.Generator().manual_seed(7)) for _ in range(2))
     assert torch.equal(a, b)
+
+
+def test_sampling_frequencies():
+    # the inverse-CDF draw must follow softmax(logits / T), restricted and renormalised by top-k / top-p
+    logits = torch.tensor([2.0, -1.0, 0.5, float("-inf"), 1.0, -3.0]).expand(60000, 6)
+    g = torch.Generator().manual_seed(1)
+    for temperature, top_k, top_p in ((1.0, None, 1.0), (0.7, None, 1.0), (1.0, 3, 1.0), (1.0, None, 0.8)):
+        p = (logits[0] / temperature).softmax(-1)
+        if top_k is not None:
+            p = p.masked_fill(p < p.topk(top_k).values[-1], 0)
+        if top_p < 1:
+            sorted_p, order = p.sort(descending=True)
+            drop = sorted_p.cumsum(0) - sorted_p >= top_p  # already top_p of the mass before them
+            p = p.masked_fill(drop.scatter(0, order, drop), 0)
+        p = p / p.sum()
+        counts = torch.bincount(sample_token(logits, temperature, top_k, top_p, g)[:, 0], minlength=6)
+        assert counts[p == 0].sum() == 0
+        assert torch.allclose(counts / 60000, p, atol=0.01), (temperature, top_k, top_p, counts / 60000, p)
 
 
 def sample_cfg(out_dir, **overrides):
