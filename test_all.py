@@ -561,6 +561,50 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(demo_data, tmp_path):
     assert same_weights(a, torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["model"])
 
 
+def test_a_ddp_rank_that_dies_ends_the_run(demo_data, tmp_path):
+    # rank 1 is killed (-9) mid-run; rank 0 must stop with a clear error instead of waiting on it forever
+    import socket
+
+    data_dir, _ = demo_data
+    script = tmp_path / "ddp_die.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import train\n"
+        "get_batch, calls = train.get_batch, []\n"
+        "def dying_get_batch(*args):\n"
+        "    calls.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(calls) == 20:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return get_batch(*args)\n"
+        "train.get_batch = dying_get_batch\n"
+        "train.main(sys.argv[1:])\n")
+    args = [str(script), f"--data_dir={data_dir}", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32",
+            "--block_size=16", "--batch_size=4", "--eval_iters=1", "--eval_interval=5", "--max_iters=100000",
+            "--gradient_accumulation_steps=2"]
+    # under torchrun: its agent sees rank 1 die, stops rank 0 and names the culprit
+    start = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                        f"--out_dir={tmp_path / 'a'}"], env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Signal 9 (SIGKILL)" in r.stderr, r.stderr[-2000:]
+    assert time.time() - start < 120
+    train_script.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))  # what was saved still loads
+    # two processes started by hand, as on two machines: no agent, rank 0 notices the lost peer by itself
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**OFFLINE_ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    cmd = [sys.executable, *args, f"--out_dir={tmp_path / 'b'}"]
+    start = time.time()
+    rank1 = subprocess.Popen(cmd, env={**env, "RANK": "1", "LOCAL_RANK": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    r = subprocess.run(cmd, env={**env, "RANK": "0", "LOCAL_RANK": "0"}, capture_output=True, text=True, timeout=300)
+    assert rank1.wait(timeout=60) == -signal.SIGKILL
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: DDP rank 0 stopped"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert time.time() - start < 120
+
+
 # -----------------------------------------------------------------------------
 # sample.py and the full-split evaluation
 

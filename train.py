@@ -496,6 +496,13 @@ def main(argv):
     except (torch.OutOfMemoryError, MemoryError):
         sys.exit(f"error: batch_size={cfg['batch_size']} does not fit in memory: lower --batch_size and raise "
                  f"--gradient_accumulation_steps to keep the tokens per step")
+    except RuntimeError as e:  # after OutOfMemoryError, which is one
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            raise
+        # a peer that died (kill, OOM, lost node) surfaces here as a failed collective: stop, do not hang
+        reason = str(e).strip().splitlines()[0][:300]
+        sys.exit(f"error: DDP rank {dist.get_rank()} stopped, most likely because another process died (its log "
+                 f"says why): {reason}; continue with --init_from=resume")
 
 
 if __name__ == "__main__":
