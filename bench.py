@@ -142,7 +142,7 @@ def bench_train():
     best = {k: max(v) for k, v in rates.items()}
     model = fused[0]
     flops_step = model.flops_per_token() * 16 * 128
-    print(f"| loop (batch 16 x 128) | tokens/s | s/step |")
+    print("| loop (batch 16 x 128) | tokens/s | s/step |")
     print("|---|---|---|")
     for name, label in (("plain", "plain eager loop (full logits + F.cross_entropy, foreach AdamW)"),
                         ("project", "train.py's path (fused linear cross-entropy, fused AdamW)")):

@@ -134,5 +134,5 @@ def check_type(key, value, default):
     if value is None and key == "top_k":  # the one key where None means "off"
         return value
     if type(value) is not type(default):
-        usage_error(f"--{key}={value!r} is a {type(value).__name__}, expected a {type(default).__name__} like {default!r}")
+        usage_error(f"--{key}={value!r}: expected {type(default).__name__}, like {default!r}")
     return value

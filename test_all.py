@@ -111,10 +111,7 @@ def test_config_parses_types_and_rejects_mistakes():
 
 
 def test_usage_errors_name_the_key(tmp_path):
-    r = run("train.py", "--learning_rat=0.1")
-    assert r.returncode == 2 and "--learning_rate" in r.stderr and "Traceback" not in r.stderr
-    r = run("train.py", "--batch_size=big")
-    assert r.returncode == 2 and "--batch_size" in r.stderr and "int" in r.stderr
+    # (README's table covers the mistyped key and the wrong type)
     r = run("prepare.py", "--n_layer=3")  # a training key is not prepare.py's
     assert r.returncode == 2 and "--n_layer" in r.stderr
     r = run("sample.py", "--help")
@@ -207,26 +204,20 @@ def test_offline_hub_falls_back_to_the_demo_corpus(tmp_path):
 
 
 def test_prepare_bad_inputs(tmp_path):
-    (tmp_path / "stories.csv").write_text("text\nhello\n")
+    # more than README's table, in-process: each ends with one "error:" line and writes nothing
     (tmp_path / "empty.txt").write_text("\n<|endoftext|>\n\n")
-    (tmp_path / "notext.jsonl").write_text('{"story": "Once upon a time"}\n')
     (tmp_path / "broken.jsonl").write_text('{"text": "Once"\n')
     (tmp_path / "nosplits").mkdir()
     (tmp_path / "nosplits" / "stories.txt").write_text("a\n<|endoftext|>\n")
     out = tmp_path / "out"
     cases = {
-        str(tmp_path / "missing.txt"): "no such file or folder",
-        str(tmp_path / "stories.csv"): "unknown file type",
         str(tmp_path / "empty.txt"): "holds no stories",
-        str(tmp_path / "notext.jsonl"): '"text"',
         str(tmp_path / "broken.jsonl"): "not valid JSON",
         str(tmp_path / "nosplits"): "'train' in its name",
     }
     for dataset, message in cases.items():
         fails_with(prepare.main, [f"--dataset={dataset}", f"--data_dir={out}"], message)
         assert not (out / "train.bin").exists() and not (out / "meta.json").exists()
-    r = run("prepare.py", f"--dataset={tmp_path / 'missing.txt'}", f"--data_dir={out}")  # once for real
-    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: --dataset={tmp_path / 'missing.txt'}: no such file or folder"]
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path, enc):
@@ -437,22 +428,21 @@ def test_train_bad_inputs(demo_data, tmp_path):
     before = tree_state(tmp_path / "run")
     tiny = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
             "--eval_iters=1", f"--out_dir={tmp_path / 'run'}"]
-    (tmp_path / "huge").mkdir()
-    cases = [
-        ([f"--data_dir={tmp_path / 'nowhere'}"], "run prepare.py first"),
-        ([f"--data_dir={data_dir}", "--block_size=100000"], "block_size"),
+    cases = [  # more than README's table, in-process
         ([f"--data_dir={data_dir}", "--vocab_size=1000"], "vocabulary"),
-        ([f"--data_dir={data_dir}", "--init_from=resume", "--n_layer=3"], "cannot change on resume"),
         ([f"--data_dir={data_dir}", "--init_from=resume", f"--out_dir={tmp_path / 'none'}"], "no checkpoint"),
         ([f"--data_dir={data_dir}", "--eval_only=True"], "--init_from=resume"),
         ([f"--data_dir={data_dir}", "--min_lr=0.1"], "below --learning_rate"),
-        ([f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=20", "--learning_rate=1e9"], "diverged"),
     ]
     for args, message in cases:
         fails_with(train_script.main, tiny + args, message)
         assert tree_state(tmp_path / "run") == before, args
-    r = run("train.py", *tiny, f"--data_dir={tmp_path / 'nowhere'}")  # once for real
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "prepare.py" in r.stderr
+
+
+def logged(out_dir):
+    """log.jsonl's rows without their timings: a resumed run must log what a straight run logs."""
+    with open(out_dir / "log.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in f]
 
 
 def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
@@ -476,6 +466,7 @@ def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (straight, out))
     assert same_weights(a, b)
+    assert logged(out) == logged(straight)
 
 
 def test_kill_9_at_random_moments_never_damages_the_checkpoint(demo_data, tmp_path):
@@ -499,33 +490,44 @@ def test_kill_9_at_random_moments_never_damages_the_checkpoint(demo_data, tmp_pa
     assert run("train.py", *args, f"--out_dir={out}", *resume).returncode == 0
     a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (straight, out))
     assert same_weights(a, b)
+    assert logged(out) == logged(straight)  # the rows past each checkpoint were dropped, not repeated
 
 
-def test_full_disk_keeps_the_previous_files(demo_data, tmp_path, monkeypatch):
-    import errno
+def small_disk(limit):
+    """For subprocess's preexec_fn: the OS refuses writes past `limit` bytes per file (EFBIG), as a full disk
+    would (ENOSPC): the same failed write() for the program."""
+    import resource
 
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write rather than kill the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_keeps_the_previous_files(demo_data, tmp_path):
     data_dir, _ = demo_data
     train_script.train(tiny_cfg(data_dir, tmp_path / "run", max_iters=2))
     before = tree_state(tmp_path / "run")
-
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "ckpt.pt.tmp"))
-
-    monkeypatch.setattr(torch, "save", no_space)
     tiny = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
             "--eval_iters=1", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--init_from=resume",
             "--max_iters=4"]
-    fails_with(train_script.main, tiny, "No space left on device")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *tiny], env=OFFLINE_ENV, capture_output=True,
+                       text=True, timeout=120, preexec_fn=small_disk(1_000_000))  # the checkpoint is ~20 MB
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: File too large") and "untouched" in last, r.stderr[-1000:]
+    assert "Traceback" not in r.stderr
     after = tree_state(tmp_path / "run")
-    assert {k: v for k, v in after.items() if not k.endswith("log.jsonl")} == \
-        {k: v for k, v in before.items() if not k.endswith("log.jsonl")}
+    log = str(tmp_path / "run" / "log.jsonl")
+    assert after.pop(log)[2].startswith(before.pop(log)[2]) and after == before
     # the same for prepare.py: a failure while writing a bin leaves the finished bins alone
     prepared = tmp_path / "data"
     prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, prepared))
     bins = tree_state(prepared)
-    monkeypatch.setattr(prepare, "encode_chunk", no_space)
-    fails_with(prepare.main, [f"--dataset={prepare.DEMO_CORPUS}", f"--data_dir={prepared}", "--force=True"],
-               "No space left on device")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--dataset={prepare.DEMO_CORPUS}",
+                        f"--data_dir={prepared}", "--force=True"], env=OFFLINE_ENV, capture_output=True, text=True,
+                       timeout=120, preexec_fn=small_disk(10_000))  # train.bin is ~30 KB
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: File too large") and "untouched" in last, r.stderr[-1000:]
     assert tree_state(prepared) == bins
 
 
@@ -768,37 +770,6 @@ def test_eval_only_prints_one_line_with_all_three(demo_data, trained):
     assert "nats/token" in line and "perplexity" in line and "bits/byte" in line
 
 
-def test_sample_bad_inputs(trained, tmp_path):
-    out_dir, _ = trained
-    (tmp_path / "empty.txt").write_text("  \n")
-    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
-    (tmp_path / "corrupt").mkdir()
-    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(os.urandom(5000))
-    (tmp_path / "truncated").mkdir()
-    (tmp_path / "truncated" / "ckpt.pt").write_bytes((out_dir / "ckpt.pt").read_bytes()[:100000])
-    before = tree_state(out_dir)
-    d = f"--out_dir={out_dir}"
-    cases = [
-        ([f"--out_dir={tmp_path / 'none'}"], "no checkpoint"),
-        ([f"--out_dir={tmp_path / 'corrupt'}"], "not a readable checkpoint"),
-        ([f"--out_dir={tmp_path / 'truncated'}"], "not a readable checkpoint"),
-        ([d, "--temperature=-1"], "--temperature"),
-        ([d, "--top_p=0"], "--top_p"),
-        ([d, "--top_p=1.5"], "--top_p"),
-        ([d, "--top_k=0"], "--top_k"),
-        ([d, "--num_samples=0"], "--num_samples"),
-        ([d, f"--start=FILE:{tmp_path / 'nope.txt'}"], "cannot read the prompt file"),
-        ([d, f"--start=FILE:{tmp_path / 'empty.txt'}"], "is empty"),
-        ([d, f"--start=FILE:{tmp_path / 'latin1.txt'}"], "not UTF-8"),
-        ([d, "--start=" + "Once upon a time " * 10], "longer than the model's context"),
-    ]
-    for args, message in cases:
-        fails_with(sample_script.main, ["--device=cpu", *args], message)
-    assert tree_state(out_dir) == before
-    r = run("sample.py", "--device=cpu", "--top_k=0", d)  # once for real
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "--top_k" in r.stderr
-
-
 def test_sample_rejects_a_checkpoint_for_another_vocabulary(trained, tmp_path):
     out_dir, _ = trained
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
@@ -817,3 +788,112 @@ def test_cuda_compile_bf16_trains(demo_data, tmp_path):
                                       eval_interval=20))
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl") if "val_loss" in line]
     assert math.isfinite(out["best_val_loss"]) and rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+
+# -----------------------------------------------------------------------------
+# README's table of mistakes, each row run as a user would
+
+
+def readme_table_rows():
+    """The first cell ("you run") of each row of README's table of mistakes."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        section = f.read().split("### Mistakes and what they print")[1].split("\n## ")[0]
+    return [line.split(" | ")[0][2:] for line in section.splitlines() if line.startswith("| ") and "---" not in line
+            and not line.startswith("| you run")]
+
+
+def test_every_row_of_the_readme_table(demo_data, trained, tmp_path):
+    import shutil
+
+    data_dir, _ = demo_data
+    out = tmp_path / "out"  # a copy of the trained run, so a bug here cannot harm the other tests' checkpoint
+    shutil.copytree(trained[0], out)
+    tiny = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+            "--eval_iters=1", f"--out_dir={out}"]
+    (tmp_path / "stories.csv").write_text("text\nhello\n")
+    (tmp_path / "x.jsonl").write_text('{"story": "Once upon a time"}\n')
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "train.bin").write_bytes(b"precious")
+    shutil.copytree(data_dir, tmp_path / "cut")
+    with open(tmp_path / "cut" / "train.bin", "r+b") as f:
+        f.truncate(os.path.getsize(tmp_path / "cut" / "train.bin") - 1)
+    for name, data in (("corrupt", os.urandom(5000)), ("truncated", (out / "ckpt.pt").read_bytes()[:100000])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt.pt").write_bytes(data)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["config"]["vocab_size"] = 32000
+    (tmp_path / "vocab").mkdir()
+    torch.save(ckpt, tmp_path / "vocab" / "ckpt.pt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    o = f"--out_dir={out}"
+    # README row -> the runs that check it: (script, args, what stderr's last line says, exit status)
+    rows = {
+        "`python train.py --learning_rat=1e-3`": [
+            ("train.py", ["--learning_rat=1e-3"], "unknown key --learning_rat for train.py: did you mean --learning_rate?", 2)],
+        "`python train.py --batch_size=big`": [("train.py", ["--batch_size=big"], "--batch_size='big': expected int", 2)],
+        "`python prepare.py --dataset=nope.txt`": [
+            ("prepare.py", [f"--dataset={tmp_path / 'nope.txt'}", f"--data_dir={tmp_path / 'd'}"], "no such file or folder", 1)],
+        "`python prepare.py --dataset=stories.csv`": [
+            ("prepare.py", [f"--dataset={tmp_path / 'stories.csv'}", f"--data_dir={tmp_path / 'd'}"], "unknown file type", 1)],
+        "`python prepare.py --dataset=x.jsonl` without a `text` field": [
+            ("prepare.py", [f"--dataset={tmp_path / 'x.jsonl'}", f"--data_dir={tmp_path / 'd'}"],
+             'record 1: expected an object with a "text" string field', 1)],
+        "`python prepare.py --data_dir=~/photos` holding a foreign `train.bin`": [
+            ("prepare.py", [f"--dataset={prepare.DEMO_CORPUS}", f"--data_dir={tmp_path / 'photos'}"],
+             "refusing to overwrite it", 1)],
+        "`python train.py` before prepare.py": [
+            ("train.py", tiny + [f"--data_dir={tmp_path / 'nowhere'}"], "run prepare.py first", 1)],
+        "`python train.py` on a truncated bin": [
+            ("train.py", tiny + [f"--data_dir={tmp_path / 'cut'}"], "a truncated or foreign file; run prepare.py again", 1)],
+        "`python train.py --block_size=100000`": [
+            ("train.py", tiny + [f"--data_dir={data_dir}", "--block_size=100000"], "not more than block_size=100000", 1)],
+        "`python train.py --init_from=resume --n_layer=3` on a 6-layer checkpoint": [
+            ("train.py", tiny + [f"--data_dir={data_dir}", "--init_from=resume", "--n_layer=3"],
+             "was trained with n_layer=2, not --n_layer=3: the model shape cannot change on resume", 1)],
+        "a run whose loss becomes NaN": [
+            ("train.py", tiny + [f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=60", "--learning_rate=1e9"],
+             "training diverged", 1)],
+        "`python sample.py` with no checkpoint": [("sample.py", [f"--out_dir={tmp_path / 'none'}"], "no checkpoint at", 1)],
+        "`python sample.py` on a truncated or random-bytes checkpoint": [
+            ("sample.py", [f"--out_dir={tmp_path / d}"], "is not a readable checkpoint", 1) for d in ("corrupt", "truncated")],
+        "`python sample.py` on a checkpoint for another vocabulary": [
+            ("sample.py", [f"--out_dir={tmp_path / 'vocab'}"], "has a 32000-token vocabulary, not GPT-2's 50257", 1)],
+        "`python sample.py --temperature=-1` / `--top_p=1.5` / `--top_k=0` / `--num_samples=0`": [
+            ("sample.py", [o, flag], flag.split("=")[0], 1)
+            for flag in ("--temperature=-1", "--top_p=0", "--top_p=1.5", "--top_k=0", "--num_samples=0")],
+        "`python sample.py --start=FILE:missing.txt` / an empty / a non-UTF-8 file": [
+            ("sample.py", [o, f"--start=FILE:{tmp_path / name}"], message, 1) for name, message in
+            (("missing.txt", "cannot read the prompt file"), ("empty.txt", "is empty"), ("latin1.txt", "is not UTF-8 text"))],
+        "`python sample.py --start=\"<a prompt longer than the context>\"`": [
+            ("sample.py", [o, "--start=" + "Once upon a time " * 10], "longer than the model's context", 1)],
+    }
+    # rows that need a signal or a full disk have tests of their own, also by subprocess
+    own_tests = {
+        "`python prepare.py` with non-UTF-8 bytes in the input": test_invalid_utf8_is_replaced_and_counted,
+        "a full disk while saving": test_full_disk_keeps_the_previous_files,
+        "Ctrl-C / SIGTERM during training": test_sigterm_saves_and_resumes_exactly,
+        "a DDP process dies (killed, out of memory, machine lost)": test_a_ddp_rank_that_dies_ends_the_run,
+    }
+    assert sorted(readme_table_rows()) == sorted([*rows, *own_tests])
+    before = tree_state(tmp_path), tree_state(data_dir)
+    runs = [(row, *r) for row, checks in rows.items() for r in checks]
+    env = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}  # many small runs at once
+
+    def check(row, script, args, message, code):
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=240)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        ok = r.returncode == code and last.startswith("error: ") and message in last and "Traceback" not in r.stderr
+        return None if ok else f"{row}: {script} {args} -> exit {r.returncode}, {r.stderr[-500:]!r}"
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:
+        failures = [f for f in pool.map(lambda run_: check(*run_), runs) if f]
+    assert not failures, "\n".join(failures)
+    after = tree_state(tmp_path), tree_state(data_dir)
+    # a run that got as far as training records its steps in log.jsonl: an append, never a change
+    log = str(out / "log.jsonl")
+    assert after[0].pop(log)[2].startswith(before[0].pop(log)[2])
+    changed = [p for a, b in zip(before, after) for p in set(a) | set(b) if a.get(p) != b.get(p)]
+    assert not changed, changed  # not a file written, changed or removed

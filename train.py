@@ -167,12 +167,17 @@ def save_checkpoint(path, state):
     """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one."""
     tmp = path + ".tmp"
     try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
             os.fsync(f.fileno())
-    except BaseException:  # a full disk, say: drop the partial file, keep the old one
+    except BaseException as e:  # a full disk, say: drop the partial file, keep the old one
         if os.path.exists(tmp):
             os.remove(tmp)
+        # torch.save reports a failed write (ENOSPC, EFBIG) as a RuntimeError raised while handling the OSError
+        error = e if isinstance(e, OSError) else e.__context__
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, path) from None
         raise
     os.replace(tmp, path)
 
@@ -367,7 +372,7 @@ def train(cfg, explicit=()):
                                             batch_rng=states))
 
     os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else nullcontext()  # rank 0 writes
+    log_file = open_log(out_dir, start_step) if master else nullcontext()  # rank 0 writes
     with StopRequest() as stop, log_file as log:
         best_val = run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, device, checkpoint,
                  start_step, best_val, tokens_per_iter, grad_accum, master, log, stop, ckpt_path)
@@ -381,76 +386,98 @@ def train(cfg, explicit=()):
 def run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, device, checkpoint,
              start_step, best_val, tokens_per_iter, grad_accum, master, log, stop, ckpt_path):
     max_iters = cfg["max_iters"]
-    bar = tqdm(total=max_iters, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
-    t0 = time.time()
-    diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
-    for step in range(start_step, max_iters + 1):
-        last_step = step == max_iters
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    # closed on the way out, whatever happens: an error line then starts on a line of its own
+    with tqdm(total=max_iters, initial=start_step, unit="step", dynamic_ncols=True, disable=not master) as bar:
+        t0 = time.time()
+        diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
+        for step in range(start_step, max_iters + 1):
+            last_step = step == max_iters
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
-        # evaluate and save at every eval_interval and at the end; not again at the step just resumed from
-        if last_step or (step % cfg["eval_interval"] == 0 and (step == 0 or step > start_step)):
-            losses = estimate_loss(raw_model, bins, cfg, ctx, device)
-            if not math.isfinite(losses["validation"]):
-                raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
-            if master:
-                bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
-                write_log(log, step=step, tokens=step * tokens_per_iter, train_loss=losses["train"],
-                          val_loss=losses["validation"], lr=lr, elapsed=time.time() - t0)
-                if losses["validation"] < best_val:
-                    best_val = losses["validation"]
-                    save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"),
-                                    dict(model=raw_model.state_dict(), config=cfg, step=step, val_loss=best_val))
-            checkpoint(step, best_val)
-        if last_step:
-            break
-        if stop.signal is not None:
-            checkpoint(step, best_val)
-            bar.close()
-            if master:
-                print(f"stopped by {signal.Signals(stop.signal).name} at step {step}: saved {ckpt_path}; "
-                      f"continue with --init_from=resume", file=sys.stderr)
-            sys.exit(128 + stop.signal)  # the shell's convention for "ended by this signal"
+            # evaluate and save at every eval_interval and at the end; not again at the step just resumed from
+            if last_step or (step % cfg["eval_interval"] == 0 and (step == 0 or step > start_step)):
+                losses = estimate_loss(raw_model, bins, cfg, ctx, device)
+                if not math.isfinite(losses["validation"]):
+                    raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
+                if master:
+                    bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
+                    write_log(log, step=step, tokens=step * tokens_per_iter, train_loss=losses["train"],
+                              val_loss=losses["validation"], lr=lr, elapsed=time.time() - t0)
+                    if losses["validation"] < best_val:
+                        best_val = losses["validation"]
+                        save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"),
+                                        dict(model=raw_model.state_dict(), config=cfg, step=step, val_loss=best_val))
+                checkpoint(step, best_val)
+            if last_step:
+                break
+            if stop.signal is not None:
+                checkpoint(step, best_val)
+                bar.close()  # before the message, which should be the last line
+                if master:
+                    print(f"stopped by {signal.Signals(stop.signal).name} at step {step}: saved {ckpt_path}; "
+                          f"continue with --init_from=resume", file=sys.stderr)
+                sys.exit(128 + stop.signal)  # the shell's convention for "ended by this signal"
 
-        # one optimizer step over grad_accum micro-batches
-        step_start = time.time()
-        for micro in range(grad_accum):
-            x, y = get_batch(bins["train"], cfg["batch_size"], cfg["block_size"], generator, device)
-            last_micro = micro == grad_accum - 1
-            with (model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()):
-                with ctx:  # DDP all-reduces the gradients once, after the last micro-batch
-                    _, loss = model(x, y)
-                # the loss is a mean over its micro-batch; dividing by the count makes the summed
-                # gradients the mean over the whole step, as one big batch would give
-                scaler.scale(loss / grad_accum).backward()
-        if cfg["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
+            # one optimizer step over grad_accum micro-batches
+            step_start = time.time()
+            for micro in range(grad_accum):
+                x, y = get_batch(bins["train"], cfg["batch_size"], cfg["block_size"], generator, device)
+                last_micro = micro == grad_accum - 1
+                with (model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()):
+                    with ctx:  # DDP all-reduces the gradients once, after the last micro-batch
+                        _, loss = model(x, y)
+                    # the loss is a mean over its micro-batch; dividing by the count makes the summed
+                    # gradients the mean over the whole step, as one big batch would give
+                    scaler.scale(loss / grad_accum).backward()
+            if cfg["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
 
-        if step % cfg["log_interval"] == 0 and master:
-            loss_value = loss.item()  # waits for the GPU: so only every log_interval steps
-            if not math.isfinite(loss_value):
-                raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
-            step_time = time.time() - step_start
-            tok_s = tokens_per_iter / step_time
-            postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-            if device.type == "cuda":  # against an H100 SXM's 989 TFLOP/s bf16 dense peak
-                postfix["mfu"] = f"{100 * raw_model.estimate_mfu(tok_s, 989e12):.1f}%"
-            bar.set_postfix(postfix, refresh=False)
-            write_log(log, step=step + 1, tokens=(step + 1) * tokens_per_iter, loss=loss_value, lr=lr,
-                      elapsed=time.time() - t0)
-            if step == start_step and device.type == "cpu" and not cfg["preset"] and max_iters - step > 1000:
-                bar.write(f"note: at {step_time:.1f} s a step, this CPU needs about "
-                          f"{(max_iters - step) * step_time / 3600:.0f} hours for max_iters={max_iters}; "
-                          f"--preset=cpu trains a smaller model in about 10 minutes")
-    bar.close()
+            if step % cfg["log_interval"] == 0 and master:
+                loss_value = loss.item()  # waits for the GPU: so only every log_interval steps
+                if not math.isfinite(loss_value):
+                    raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
+                step_time = time.time() - step_start
+                tok_s = tokens_per_iter / step_time
+                postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                if device.type == "cuda":  # against an H100 SXM's 989 TFLOP/s bf16 dense peak
+                    postfix["mfu"] = f"{100 * raw_model.estimate_mfu(tok_s, 989e12):.1f}%"
+                bar.set_postfix(postfix, refresh=False)
+                write_log(log, step=step + 1, tokens=(step + 1) * tokens_per_iter, loss=loss_value, lr=lr,
+                          elapsed=time.time() - t0)
+                if step == start_step and device.type == "cpu" and not cfg["preset"] and max_iters - step > 1000:
+                    bar.write(f"note: at {step_time:.1f} s a step, this CPU needs about "
+                              f"{(max_iters - step) * step_time / 3600:.0f} hours for max_iters={max_iters}; "
+                              f"--preset=cpu trains a smaller model in about 10 minutes")
     return best_val
+
+
+def open_log(out_dir, start_step):
+    """log.jsonl, to append to. A resumed run drops the rows past its checkpoint first (a crash leaves some,
+    and those steps are about to run again); a run from scratch starts a new log."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if start_step == 0 or not os.path.exists(path):
+        return open(path, "w")
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= start_step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            pass
+    if kept != lines:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 def write_log(log, **row):
