@@ -218,15 +218,16 @@ def bench_sample():
     weights = [p for p in model.parameters() if p.dim() == 2 and p is not model.wpe.weight]
     vectors = [torch.randn(1, w.size(1), device=device) for w in weights]
     head_t = model.lm_head.weight.t().contiguous()
-    for _ in range(5):
+    floor = floor_t = float("inf")
+    for _ in range(20):  # the best of 20: a floor is what the machine can do, not what it did once
         t = time.time()
         for w, v in zip(weights, vectors):
             v @ w.t()
-        floor = time.time() - t
+        floor = min(floor, time.time() - t)
         t = time.time()
         for w, v in zip(weights, vectors):
             v @ (head_t if w is model.lm_head.weight else w.t())
-        floor_t = time.time() - t
+        floor_t = min(floor_t, time.time() - t)
     print("| batch | KV cache tok/s | recompute tok/s | cache speed-up | ms/token (cache) |")
     print("|---|---|---|---|---|")
     for batch in (1, 8):
