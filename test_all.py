@@ -486,6 +486,18 @@ def test_kill_9_at_random_moments_never_damages_the_checkpoint(demo_data, tmp_pa
         p.wait()
         if (out / "ckpt.pt").exists():  # whatever the moment, the file on disk is whole
             assert torch.load(out / "ckpt.pt", weights_only=True)["step"] <= 60
+    # and once while a checkpoint is being written: its .tmp is on disk (drop one a kill above left behind)
+    (out / "ckpt.pt.tmp").unlink(missing_ok=True)
+    resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
+    p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}", *resume], cwd=HERE,
+                         env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / "ckpt.pt.tmp").exists():
+        assert p.poll() is None, "the run ended before a checkpoint was caught being written"
+        time.sleep(0.0002)
+    p.kill()
+    p.wait()
+    if (out / "ckpt.pt").exists():
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] <= 60
     resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
     assert run("train.py", *args, f"--out_dir={out}", *resume).returncode == 0
     a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (straight, out))
