@@ -265,6 +265,58 @@ def setup_ddp(cfg):
 # Training
 
 
+def open_log(out_dir, start_step):
+    """log.jsonl, to append to. A resumed run drops the rows past its checkpoint first (a crash leaves some,
+    and those steps are about to run again); a run from scratch starts a new log."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if start_step == 0 or not os.path.exists(path):
+        return open(path, "w")
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= start_step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            pass
+    if kept != lines:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def write_log(log, **row):
+    if log is not None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+
+def plot_losses(out_dir):
+    """log.jsonl -> loss.png; matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the loss curve (pip install matplotlib)")
+        return
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train (batch)"), ("train_loss", "train (eval)"), ("val_loss", "validation")):
+        points = [(r["tokens"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, linewidth=1)
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats)", title=f"{out_dir}: loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
+    plt.close(fig)
+
+
 class StopRequest:
     """Within `with StopRequest() as stop:`, Ctrl-C or SIGTERM only sets stop.signal: the loop then finishes
     its step, saves, and exits. A second signal aborts at once."""
@@ -282,6 +334,26 @@ class StopRequest:
         if self.signal is not None:  # asked twice: stop right now, without saving
             raise KeyboardInterrupt
         self.signal = signum
+
+
+def train_step(model, optimizer, scaler, data, generator, grad_accum, cfg, ctx, device):
+    """One optimizer step over grad_accum micro-batches; returns the last micro-batch's loss."""
+    for micro in range(grad_accum):
+        x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], generator, device)
+        last_micro = micro == grad_accum - 1
+        with (model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()):
+            with ctx:  # DDP all-reduces the gradients once, after the last micro-batch
+                _, loss = model(x, y)
+            # the loss is a mean over its micro-batch; dividing by the count makes the summed
+            # gradients the mean over the whole step, as one big batch would give
+            scaler.scale(loss / grad_accum).backward()
+    if cfg["grad_clip"] > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def train(cfg, explicit=()):
@@ -373,21 +445,10 @@ def train(cfg, explicit=()):
 
     os.makedirs(out_dir, exist_ok=True)
     log_file = open_log(out_dir, start_step) if master else nullcontext()  # rank 0 writes
-    with StopRequest() as stop, log_file as log:
-        best_val = run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, device, checkpoint,
-                 start_step, best_val, tokens_per_iter, grad_accum, master, log, stop, ckpt_path)
-    if master:
-        plot_losses(out_dir)
-    if world > 1:
-        dist.destroy_process_group()
-    return dict(best_val_loss=best_val, model=raw_model)
-
-
-def run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, device, checkpoint,
-             start_step, best_val, tokens_per_iter, grad_accum, master, log, stop, ckpt_path):
     max_iters = cfg["max_iters"]
-    # closed on the way out, whatever happens: an error line then starts on a line of its own
-    with tqdm(total=max_iters, initial=start_step, unit="step", dynamic_ncols=True, disable=not master) as bar:
+    # the bar is closed on the way out, whatever happens: an error line then starts on a line of its own
+    bar = tqdm(total=max_iters, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
+    with StopRequest() as stop, log_file as log, bar:
         t0 = time.time()
         diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
         for step in range(start_step, max_iters + 1):
@@ -420,23 +481,8 @@ def run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, dev
                           f"continue with --init_from=resume", file=sys.stderr)
                 sys.exit(128 + stop.signal)  # the shell's convention for "ended by this signal"
 
-            # one optimizer step over grad_accum micro-batches
             step_start = time.time()
-            for micro in range(grad_accum):
-                x, y = get_batch(bins["train"], cfg["batch_size"], cfg["block_size"], generator, device)
-                last_micro = micro == grad_accum - 1
-                with (model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()):
-                    with ctx:  # DDP all-reduces the gradients once, after the last micro-batch
-                        _, loss = model(x, y)
-                    # the loss is a mean over its micro-batch; dividing by the count makes the summed
-                    # gradients the mean over the whole step, as one big batch would give
-                    scaler.scale(loss / grad_accum).backward()
-            if cfg["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(model, optimizer, scaler, bins["train"], generator, grad_accum, cfg, ctx, device)
             bar.update(1)
 
             if step % cfg["log_interval"] == 0 and master:
@@ -455,59 +501,11 @@ def run_loop(model, raw_model, optimizer, scaler, generator, bins, cfg, ctx, dev
                     bar.write(f"note: at {step_time:.1f} s a step, this CPU needs about "
                               f"{(max_iters - step) * step_time / 3600:.0f} hours for max_iters={max_iters}; "
                               f"--preset=cpu trains a smaller model in about 10 minutes")
-    return best_val
-
-
-def open_log(out_dir, start_step):
-    """log.jsonl, to append to. A resumed run drops the rows past its checkpoint first (a crash leaves some,
-    and those steps are about to run again); a run from scratch starts a new log."""
-    path = os.path.join(out_dir, "log.jsonl")
-    if start_step == 0 or not os.path.exists(path):
-        return open(path, "w")
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= start_step:
-                kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by a kill
-            pass
-    if kept != lines:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-    return open(path, "a")
-
-
-def write_log(log, **row):
-    if log is not None:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-
-
-def plot_losses(out_dir):
-    """log.jsonl -> loss.png; matplotlib is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the loss curve (pip install matplotlib)")
-        return
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train (batch)"), ("train_loss", "train (eval)"), ("val_loss", "validation")):
-        points = [(r["tokens"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, linewidth=1)
-    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats)", title=f"{out_dir}: loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
+    if master:
+        plot_losses(out_dir)
+    if world > 1:
+        dist.destroy_process_group()
+    return dict(best_val_loss=best_val, model=raw_model)
 
 
 def main(argv):
