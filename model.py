@@ -151,6 +151,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
         self.fused_loss = False  # FusedLinearCrossEntropy: faster on CPU, where train.py turns it on
+        self._head, self._head_key = None, None  # see decoding_head
         self.init_weights()
 
     def init_weights(self):
@@ -220,7 +221,7 @@ class GPT(nn.Module):
         """
         w = self.lm_head.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if getattr(self, "_head_key", None) != key:
+        if self._head_key != key:
             self._head, self._head_key = w[:self.config.vocab_size].t().contiguous(), key
         return self._head
 

@@ -43,6 +43,11 @@ def run(script, *args, cwd=HERE, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def error_line(r):
+    """The last line a finished run wrote to stderr, where its one-line error must be (after any progress bar)."""
+    return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+
+
 def fails_with(main, args, message):
     """Call a script's main(args) in-process, as its command line would: it must exit 1 with `message`."""
     with pytest.raises(SystemExit) as e:
@@ -81,6 +86,11 @@ def demo_data(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo_data")
     meta = prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir))
     return data_dir, meta
+
+
+# the same tiny model on a script's command line
+TINY_ARGS = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+             "--eval_iters=1"]
 
 
 def tiny_cfg(data_dir, out_dir, **overrides):
@@ -426,8 +436,7 @@ def test_train_bad_inputs(demo_data, tmp_path):
     data_dir, _ = demo_data
     assert train_script.train(tiny_cfg(data_dir, tmp_path / "run", max_iters=2))
     before = tree_state(tmp_path / "run")
-    tiny = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-            "--eval_iters=1", f"--out_dir={tmp_path / 'run'}"]
+    tiny = [*TINY_ARGS, f"--out_dir={tmp_path / 'run'}"]
     cases = [  # more than README's table, in-process
         ([f"--data_dir={data_dir}", "--vocab_size=1000"], "vocabulary"),
         ([f"--data_dir={data_dir}", "--init_from=resume", f"--out_dir={tmp_path / 'none'}"], "no checkpoint"),
@@ -447,8 +456,7 @@ def logged(out_dir):
 
 def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
     data_dir, _ = demo_data
-    args = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-            "--eval_iters=1", "--eval_interval=1000", "--max_iters=150", "--warmup_iters=5", "--log_interval=1",
+    args = [*TINY_ARGS, "--eval_interval=1000", "--max_iters=150", "--warmup_iters=5", "--log_interval=1",
             f"--data_dir={data_dir}"]
     straight = tmp_path / "straight"
     assert run("train.py", *args, f"--out_dir={straight}").returncode == 0
@@ -471,8 +479,7 @@ def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
 
 def test_kill_9_at_random_moments_never_damages_the_checkpoint(demo_data, tmp_path):
     data_dir, _ = demo_data
-    args = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-            "--eval_iters=1", "--eval_interval=3", "--max_iters=60", "--log_interval=1", f"--data_dir={data_dir}"]
+    args = [*TINY_ARGS, "--eval_interval=3", "--max_iters=60", "--log_interval=1", f"--data_dir={data_dir}"]
     straight = tmp_path / "straight"
     assert run("train.py", *args, f"--out_dir={straight}").returncode == 0
     out = tmp_path / "killed"
@@ -520,12 +527,11 @@ def test_full_disk_keeps_the_previous_files(demo_data, tmp_path):
     data_dir, _ = demo_data
     train_script.train(tiny_cfg(data_dir, tmp_path / "run", max_iters=2))
     before = tree_state(tmp_path / "run")
-    tiny = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-            "--eval_iters=1", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--init_from=resume",
+    tiny = [*TINY_ARGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'run'}", "--init_from=resume",
             "--max_iters=4"]
     r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *tiny], env=OFFLINE_ENV, capture_output=True,
                        text=True, timeout=120, preexec_fn=small_disk(1_000_000))  # the checkpoint is ~20 MB
-    last = r.stderr.strip().splitlines()[-1]
+    last = error_line(r)
     assert r.returncode == 1 and last.startswith("error: File too large") and "untouched" in last, r.stderr[-1000:]
     assert "Traceback" not in r.stderr
     after = tree_state(tmp_path / "run")
@@ -538,7 +544,7 @@ def test_full_disk_keeps_the_previous_files(demo_data, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--dataset={prepare.DEMO_CORPUS}",
                         f"--data_dir={prepared}", "--force=True"], env=OFFLINE_ENV, capture_output=True, text=True,
                        timeout=120, preexec_fn=small_disk(10_000))  # train.bin is ~30 KB
-    last = r.stderr.strip().splitlines()[-1]
+    last = error_line(r)
     assert r.returncode == 1 and last.startswith("error: File too large") and "untouched" in last, r.stderr[-1000:]
     assert tree_state(prepared) == bins
 
@@ -556,6 +562,12 @@ def test_a_truncated_or_odd_sized_bin_is_refused(demo_data, tmp_path):
             train_script.load_bins(copy, 50257, 16)
 
 
+def torchrun(*args):
+    """`torchrun --standalone --nproc_per_node=2 *args`, two CPU ranks on gloo."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           *args], env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
+
+
 def test_torchrun_two_cpu_ranks_end_with_identical_weights(demo_data, tmp_path):
     data_dir, _ = demo_data
     script = tmp_path / "ddp_run.py"
@@ -567,8 +579,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(demo_data, tmp_path):
         " max_iters=4)\n"
         "out = train.train(cfg)\n"
         f"torch.save(out['model'].state_dict(), os.path.join({str(tmp_path)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], cwd=tmp_path, env=OFFLINE_ENV, capture_output=True, text=True, timeout=180)
+    r = torchrun(str(script))
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
     assert same_weights(a, b)
@@ -593,13 +604,11 @@ def test_a_ddp_rank_that_dies_ends_the_run(demo_data, tmp_path):
         "    return get_batch(*args)\n"
         "train.get_batch = dying_get_batch\n"
         "train.main(sys.argv[1:])\n")
-    args = [str(script), f"--data_dir={data_dir}", "--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32",
-            "--block_size=16", "--batch_size=4", "--eval_iters=1", "--eval_interval=5", "--max_iters=100000",
+    args = [str(script), *TINY_ARGS, f"--data_dir={data_dir}", "--eval_interval=5", "--max_iters=100000",
             "--gradient_accumulation_steps=2"]
     # under torchrun: its agent sees rank 1 die, stops rank 0 and names the culprit
     start = time.time()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
-                        f"--out_dir={tmp_path / 'a'}"], env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
+    r = torchrun(*args, f"--out_dir={tmp_path / 'a'}")
     assert r.returncode != 0 and "Signal 9 (SIGKILL)" in r.stderr, r.stderr[-2000:]
     assert time.time() - start < 120
     train_script.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))  # what was saved still loads
@@ -614,7 +623,7 @@ def test_a_ddp_rank_that_dies_ends_the_run(demo_data, tmp_path):
                              stderr=subprocess.DEVNULL)
     r = subprocess.run(cmd, env={**env, "RANK": "0", "LOCAL_RANK": "0"}, capture_output=True, text=True, timeout=300)
     assert rank1.wait(timeout=60) == -signal.SIGKILL
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: DDP rank 0 stopped"), r.stderr[-2000:]
+    assert r.returncode == 1 and error_line(r).startswith("error: DDP rank 0 stopped"), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert time.time() - start < 120
 
@@ -820,8 +829,7 @@ def test_every_row_of_the_readme_table(demo_data, trained, tmp_path):
     data_dir, _ = demo_data
     out = tmp_path / "out"  # a copy of the trained run, so a bug here cannot harm the other tests' checkpoint
     shutil.copytree(trained[0], out)
-    tiny = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
-            "--eval_iters=1", f"--out_dir={out}"]
+    tiny = [*TINY_ARGS, f"--out_dir={out}"]
     (tmp_path / "stories.csv").write_text("text\nhello\n")
     (tmp_path / "x.jsonl").write_text('{"story": "Once upon a time"}\n')
     (tmp_path / "photos").mkdir()
@@ -895,7 +903,7 @@ def test_every_row_of_the_readme_table(demo_data, trained, tmp_path):
     def check(row, script, args, message, code):
         r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=240)
-        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        last = error_line(r)
         ok = r.returncode == code and last.startswith("error: ") and message in last and "Traceback" not in r.stderr
         return None if ok else f"{row}: {script} {args} -> exit {r.returncode}, {r.stderr[-500:]!r}"
 
