@@ -1,13 +1,18 @@
 """
 A GPT-2 style decoder: token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and
 a GELU MLP, a final LayerNorm, and an output head tied to the token embedding. Generation uses a KV cache.
+At the end: loading a checkpoint and picking a device, which train.py, sample.py and export.py share.
 """
 import math
-from dataclasses import dataclass
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from config import UserError
 
 
 @dataclass
@@ -282,3 +287,54 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=None)
     u = (1 - torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u)
     return choice if ids is None else ids.gather(1, choice)
+
+
+# -----------------------------------------------------------------------------
+# Loading a trained model, and where to run it: shared by train.py, sample.py and export.py
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, or not a torch file at all
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated or corrupt?")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by train.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """The model the checkpoint describes, with its weights; its shape comes from the checkpoint, not the flags."""
+    model = GPT(GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig)}))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit its own model config: {str(e).splitlines()[0]}")
+    return model
+
+
+def pick_device(name):
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device={name} but no CUDA GPU is available: use --device=cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_context(device, dtype):
+    """(context for forward passes, the dtype in effect): bf16 autocast on CUDA, fp16 on GPUs without bf16."""
+    if dtype == "auto":
+        dtype = "float32"
+        if device.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype={dtype}: choose auto, float32, bfloat16 or float16")
+    if dtype == "float32":
+        return nullcontext(), dtype
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)), dtype

@@ -14,8 +14,8 @@ import sys
 import torch
 
 from config import UserError, get_config, sample as sample_keys
+from model import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 from tokenizer import EOT, get_tokenizer
-from train import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
 
 def check_settings(cfg):

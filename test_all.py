@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import config
+import model as model_script
 import prepare
 import sample as sample_script
 import train as train_script
@@ -611,7 +612,7 @@ def test_a_ddp_rank_that_dies_ends_the_run(demo_data, tmp_path):
     r = torchrun(*args, f"--out_dir={tmp_path / 'a'}")
     assert r.returncode != 0 and "Signal 9 (SIGKILL)" in r.stderr, r.stderr[-2000:]
     assert time.time() - start < 120
-    train_script.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))  # what was saved still loads
+    model_script.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))  # what was saved still loads
     # two processes started by hand, as on two machines: no agent, rank 0 notices the lost peer by itself
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from config import UserError, get_config, model as model_keys, parse_args, paths, system, train as train_keys
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
 MODEL_KEYS = tuple(model_keys)
 
@@ -182,28 +182,6 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (python train.py)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, random bytes, or not a torch file at all
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated or corrupt?")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by train.py")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt, path):
-    """The model the checkpoint describes, with its weights; its shape comes from the checkpoint, not the flags."""
-    model = GPT(GPTConfig(**{k: ckpt["config"][k] for k in MODEL_KEYS}))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit its own model config: {str(e).splitlines()[0]}")
-    return model
-
-
 def rng_state():
     np_state = np.random.get_state()
     return dict(python=random.getstate(), numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
@@ -220,32 +198,7 @@ def set_rng_state(state):
 
 
 # -----------------------------------------------------------------------------
-# Set-up: device, precision, DDP
-
-
-def pick_device(name):
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device={name} but no CUDA GPU is available: use --device=cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast_context(device, dtype):
-    """(context for forward passes, the dtype in effect): bf16 autocast on CUDA, fp16 on GPUs without bf16."""
-    if dtype == "auto":
-        dtype = "float32"
-        if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype={dtype}: choose auto, float32, bfloat16 or float16")
-    if dtype == "float32":
-        return nullcontext(), dtype
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)), dtype
+# Set-up: DDP
 
 
 def setup_ddp(cfg):
