@@ -1,5 +1,5 @@
 """
-Every default of prepare.py, train.py and sample.py, in one plain dict, and the --key=value parser.
+Every default of prepare.py, train.py, sample.py and export.py, in one plain dict, and the --key=value parser.
 
     python train.py --batch_size=32 --learning_rate=3e-4 --compile=False
     python train.py --preset=cpu          # a named set of overrides, see `presets` below
@@ -8,6 +8,7 @@ Values are Python literals (3e-4, True, None, 'text'); a bare word is taken as a
 """
 import ast
 import difflib
+import re
 import sys
 
 # Each group is the set of keys one part of the project reads; `config` below merges them.
@@ -63,7 +64,10 @@ sample = dict(
     top_p=0.95,  # keep the smallest set with this much probability; 1.0 keeps all
     stop_at_eot=True,  # end a story at the end-of-text token
 )
-config = {**data, **paths, **system, **model, **train, **sample, "preset": ""}
+export = dict(
+    export_dir="",  # where export.py writes the transformers folder; empty means {out_dir}/hf
+)
+config = {**data, **paths, **system, **model, **train, **sample, **export, "preset": ""}
 
 # Named overrides, applied before any other flag: `--preset=cpu`.
 presets = dict(
@@ -74,6 +78,76 @@ presets = dict(
         learning_rate=3e-3, min_lr=3e-4, eval_interval=200, eval_iters=10, compile=False,
     ),
 )
+
+
+# What each key accepts beyond its type (parse_args checks that): key -> (test, what is valid). Every key has
+# a rule, also those where any value of the right type will do; test_all.py walks through them all.
+ANY = (lambda v: True, "any value")
+rules = dict(
+    dataset=(lambda v: v.strip() != "", "a Hugging Face dataset name or a local file or folder, not empty"),
+    val_fraction=(lambda v: 0 < v < 1, "a fraction between 0 and 1, like 0.05"),
+    force=ANY,
+    data_dir=(lambda v: v.strip() != "", "a folder name, not empty"),
+    out_dir=(lambda v: v.strip() != "", "a folder name, not empty"),
+    checkpoint=(lambda v: v.strip() != "", "a file name in out_dir, like ckpt.pt or best.pt, not empty"),
+    device=(lambda v: v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v),
+            "one of auto, cpu, cuda, cuda:N, mps"),
+    dtype=(lambda v: v in ("auto", "float32", "bfloat16", "float16"), "one of auto, float32, bfloat16, float16"),
+    compile=ANY,
+    seed=(lambda v: 0 <= v < 2**63, "an integer >= 0"),
+    n_layer=(lambda v: v >= 1, "at least 1"),
+    n_head=(lambda v: v >= 1, "at least 1"),
+    n_embd=(lambda v: v >= 1, "at least 1"),
+    block_size=(lambda v: v >= 1, "at least 1"),
+    vocab_size=(lambda v: 1 <= v <= 2**16, "between 1 and 65536 (token ids are stored as uint16)"),
+    dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    bias=ANY,
+    init_from=(lambda v: v in ("scratch", "resume"), "scratch or resume"),
+    eval_only=ANY,
+    batch_size=(lambda v: v >= 1, "at least 1"),
+    gradient_accumulation_steps=(lambda v: v >= 1, "at least 1"),
+    max_iters=(lambda v: v >= 1, "at least 1"),
+    learning_rate=(lambda v: 0 < v < float("inf"), "a positive number"),
+    min_lr=(lambda v: 0 <= v < float("inf"), "a number >= 0"),
+    warmup_iters=(lambda v: v >= -1, "a number of steps >= 0, or -1 for 2% of max_iters"),
+    lr_decay_iters=(lambda v: v == -1 or v >= 1, "a number of steps >= 1, or -1 for max_iters"),
+    weight_decay=(lambda v: 0 <= v < float("inf"), "a number >= 0"),
+    beta1=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    beta2=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    grad_clip=(lambda v: 0 <= v < float("inf"), "a number >= 0 (0 disables clipping)"),
+    eval_interval=(lambda v: v >= 1, "at least 1"),
+    eval_iters=(lambda v: v >= 1, "at least 1"),
+    log_interval=(lambda v: v >= 1, "at least 1"),
+    start=ANY,
+    num_samples=(lambda v: v >= 1, "at least 1"),
+    max_new_tokens=(lambda v: v >= 1, "at least 1"),
+    temperature=(lambda v: 0 <= v < float("inf"), "a number >= 0 (0 is greedy)"),
+    top_k=(lambda v: v is None or v >= 1, "at least 1, or None to keep every token"),
+    top_p=(lambda v: 0 < v <= 1, "in (0, 1]"),
+    stop_at_eot=ANY,
+    export_dir=(lambda v: v == "" or v.strip() != "", "a folder name, or empty for {out_dir}/hf"),
+    preset=(lambda v: v == "" or v in presets, f"one of {', '.join(presets)}"),
+)
+# Settings that make sense alone but not together: (keys, test, what is wrong). Checked when a script reads all the keys.
+combinations = [
+    (("n_embd", "n_head"), lambda c: c["n_embd"] % c["n_head"] == 0, "n_embd must be a multiple of n_head"),
+    (("min_lr", "learning_rate"), lambda c: c["min_lr"] <= c["learning_rate"], "min_lr must not exceed learning_rate"),
+    (("warmup_iters", "lr_decay_iters"), lambda c: c["lr_decay_iters"] == -1 or c["lr_decay_iters"] > max(c["warmup_iters"], 0),
+     "lr_decay_iters must come after warmup_iters"),
+    (("eval_only", "init_from"), lambda c: not c["eval_only"] or c["init_from"] == "resume",
+     "scoring a trained model needs --init_from=resume"),
+]
+
+
+def check_config(cfg):
+    """Stop with one line (exit status 2) at the first value, or combination of values, that makes no sense."""
+    for key, value in cfg.items():
+        valid, what = rules[key]
+        if not valid(value):
+            usage_error(f"--{key}={value!r}: must be {what}")
+    for keys, valid, what in combinations:
+        if all(k in cfg for k in keys) and not valid(cfg):
+            usage_error(f"{', '.join(f'--{k}={cfg[k]!r}' for k in keys)}: {what}")
 
 
 class UserError(Exception):
@@ -94,10 +168,13 @@ def parse_value(text):
 
 
 def get_config(argv, groups, script="this script"):
-    """Defaults of the keys in `groups` (the dicts above, or lists of key names), updated by parse_args."""
+    """Defaults of the keys in `groups` (the dicts above, or lists of key names), updated by parse_args and
+    checked by check_config: a script gets only values that make sense."""
     cfg = {k: config[k] for g in groups for k in g}
     cfg["preset"] = ""
-    return {**cfg, **parse_args(argv, cfg, script)}
+    cfg.update(parse_args(argv, cfg, script))
+    check_config(cfg)
+    return cfg
 
 
 def parse_args(argv, cfg, script="this script"):
@@ -121,7 +198,7 @@ def parse_args(argv, cfg, script="this script"):
         overrides[key] = text if isinstance(config[key], str) else parse_value(text)
     preset = overrides.get("preset", "")
     if preset and preset not in presets:
-        usage_error(f"unknown --preset={preset}: choose one of {', '.join(presets)}")
+        usage_error(f"--preset={preset!r}: must be {rules['preset'][1]}")
     # a preset may set keys another script does not read
     values = {k: v for k, v in presets.get(preset, {}).items() if k in cfg}
     return {k: check_type(k, v, config[k]) for k, v in {**values, **overrides}.items()}

@@ -178,8 +178,6 @@ def find_source(dataset, val_fraction):
     if os.path.isfile(dataset):
         if not file_format(dataset):
             raise UserError(f"{dataset}: unknown file type, expected one of {', '.join(FORMATS)} or a folder")
-        if not 0 < val_fraction < 1:
-            raise UserError(f"--val_fraction={val_fraction} must be between 0 and 1")
         return dict(kind="one_file", file=file_stamp(dataset), val_every=max(2, round(1 / val_fraction)))
     if re.fullmatch(r"[\w.-]+/[\w.-]+", dataset) and not file_format(dataset):
         if hub_reachable():

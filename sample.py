@@ -18,19 +18,6 @@ from model import autocast_context, load_checkpoint, model_from_checkpoint, pick
 from tokenizer import EOT, get_tokenizer
 
 
-def check_settings(cfg):
-    if cfg["num_samples"] < 1:
-        raise UserError(f"--num_samples={cfg['num_samples']} must be at least 1")
-    if cfg["max_new_tokens"] < 1:
-        raise UserError(f"--max_new_tokens={cfg['max_new_tokens']} must be at least 1")
-    if cfg["temperature"] < 0:
-        raise UserError(f"--temperature={cfg['temperature']} must be >= 0 (0 is greedy)")
-    if cfg["top_k"] is not None and cfg["top_k"] < 1:
-        raise UserError(f"--top_k={cfg['top_k']} must be at least 1 (or None to keep every token)")
-    if not 0 < cfg["top_p"] <= 1:
-        raise UserError(f"--top_p={cfg['top_p']} must be in (0, 1]")
-
-
 def read_prompt(start):
     """The prompt text: `start` itself, or the contents of the file after FILE:."""
     if not start.startswith("FILE:"):
@@ -81,7 +68,6 @@ def generate_text(model, enc, prompt_ids, cfg, generator, out=None):
 
 def sample(cfg, out=sys.stdout):
     """Print (and return) cfg['num_samples'] stories."""
-    check_settings(cfg)
     prompt = read_prompt(cfg["start"])
     device = pick_device(cfg["device"])
     ctx, _ = autocast_context(device, cfg["dtype"])

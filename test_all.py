@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import config
+import export as export_script
 import model as model_script
 import prepare
 import sample as sample_script
@@ -42,6 +43,24 @@ def run(script, *args, cwd=HERE, timeout=120):
     """Run one of the scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd, env=OFFLINE_ENV,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_until_it_calls(call, path_end, script, *args):
+    """Run a script that kills itself with SIGKILL, as `kill -9` would, the first time it calls os.<call>
+    (fsync, replace) on a file whose name ends with path_end: a crash at an exact moment, on any machine."""
+    code = (f"import os, runpy, signal, sys\n"
+            f"sys.path.insert(0, {HERE!r})\n"
+            f"real = os.{call}\n"
+            f"def dying(target, *rest):\n"
+            f"    name = target if isinstance(target, (str, os.PathLike)) else os.readlink(f'/proc/self/fd/{{target}}')\n"
+            f"    if str(name).endswith({path_end!r}):\n"
+            f"        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"    return real(target, *rest)\n"
+            f"os.{call} = dying\n"
+            f"sys.argv = [{script!r}, *{list(args)!r}]\n"
+            f"runpy.run_path({os.path.join(HERE, script)!r}, run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=HERE, env=OFFLINE_ENV, capture_output=True, text=True,
+                          timeout=300)
 
 
 def error_line(r):
@@ -119,6 +138,50 @@ def test_config_parses_types_and_rejects_mistakes():
         with pytest.raises(SystemExit) as e:
             config.get_config(bad, [config.train])
         assert e.value.code == 2
+
+
+# A value of each key that makes no sense; the keys whose every value of the right type is fine are listed apart.
+# A key added to config.py without a rule, or a rule without a case here, fails the test below.
+NONSENSE = dict(
+    dataset="", val_fraction=1.0, data_dir="", out_dir=" ", checkpoint="", device="gpu", dtype="fp8", seed=-1,
+    n_layer=0, n_head=0, n_embd=-8, block_size=0, vocab_size=70000, dropout=1.0, init_from="pretrained",
+    batch_size=0, gradient_accumulation_steps=0, max_iters=0, learning_rate=0.0, min_lr=-1e-4, warmup_iters=-2,
+    lr_decay_iters=0, weight_decay=-0.1, beta1=1.0, beta2=1.5, grad_clip=-1.0, eval_interval=0, eval_iters=0,
+    log_interval=0, num_samples=0, max_new_tokens=0, temperature=-0.5, top_k=0, top_p=0.0, preset="gpu",
+    export_dir=" ",
+)
+ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start"}
+BAD_COMBINATIONS = {  # the keys of each rule in config.combinations -> flags that break it
+    ("n_embd", "n_head"): ["--n_head=5"],
+    ("min_lr", "learning_rate"): ["--learning_rate=1e-4", "--min_lr=1e-3"],
+    ("warmup_iters", "lr_decay_iters"): ["--warmup_iters=100", "--lr_decay_iters=50"],
+    ("eval_only", "init_from"): ["--eval_only=True"],
+}
+
+
+def test_every_setting_is_checked_before_any_work(capsys):
+    assert set(config.rules) == set(config.config)
+    assert set(NONSENSE) | ANY_VALUE == set(config.config) and not set(NONSENSE) & ANY_VALUE
+    assert all(config.rules[k] is config.ANY for k in ANY_VALUE)
+    assert set(BAD_COMBINATIONS) == {keys for keys, _, _ in config.combinations}
+    every_key = [list(config.config)]
+    config.get_config([], every_key)  # the defaults pass
+    for key, value in NONSENSE.items():
+        with pytest.raises(SystemExit) as e:
+            config.get_config([f"--{key}={value}"], every_key)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: --{key}="), (key, err)
+    for keys, flags in BAD_COMBINATIONS.items():
+        with pytest.raises(SystemExit) as e:
+            config.get_config(flags, every_key)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and all(f"--{k}=" in err for k in keys), (keys, err)
+    for key in ANY_VALUE:  # the type is still checked
+        default = config.config[key]
+        if not isinstance(default, str):
+            with pytest.raises(SystemExit):
+                config.get_config([f"--{key}='text'"], every_key)
+            capsys.readouterr()
 
 
 def test_usage_errors_name_the_key(tmp_path):
@@ -259,19 +322,26 @@ def test_prepare_killed_mid_write_leaves_nothing_finished(tmp_path):
     reference = tmp_path / "reference"
     assert run("prepare.py", f"--dataset={corpus}", f"--data_dir={reference}").returncode == 0
     out = tmp_path / "out"
-    for delay in (0.8, 1.4, 2.0):
-        p = subprocess.Popen([sys.executable, "prepare.py", f"--dataset={corpus}", f"--data_dir={out}"],
-                             cwd=HERE, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        p.kill()
-        p.wait()
-        meta = prepare.read_meta(out)
-        if prepare.is_complete(meta, out):  # finished before the kill: then it must be whole
-            assert (out / "train.bin").read_bytes() == (reference / "train.bin").read_bytes()
-        else:  # train.py must refuse it
-            with pytest.raises(config.UserError):
-                train_script.load_bins(out, 50257, 16)
-    assert run("prepare.py", f"--dataset={corpus}", f"--data_dir={out}").returncode == 0
+    args = [f"--dataset={corpus}", f"--data_dir={out}"]
+    # killed at exact moments: bins written but not flushed, flushed but not renamed, between their two renames
+    for call, path in (("fsync", "train.bin.tmp"), ("replace", "train.bin.tmp"), ("replace", "validation.bin.tmp")):
+        assert run_until_it_calls(call, path, "prepare.py", *args).returncode == -signal.SIGKILL
+        assert not prepare.is_complete(prepare.read_meta(out), out)
+        with pytest.raises(config.UserError):  # train.py refuses what is there
+            train_script.load_bins(out, 50257, 16)
+    # and once at whatever moment the bin's first bytes are seen from outside
+    p = subprocess.Popen([sys.executable, "prepare.py", *args], cwd=HERE, env=OFFLINE_ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and not ((out / "train.bin.tmp").exists() and (out / "train.bin.tmp").stat().st_size):
+        time.sleep(0.001)
+    p.kill()
+    p.wait()
+    if prepare.is_complete(prepare.read_meta(out), out):  # it finished first: then it must be whole
+        assert (out / "train.bin").read_bytes() == (reference / "train.bin").read_bytes()
+    else:
+        with pytest.raises(config.UserError):
+            train_script.load_bins(out, 50257, 16)
+    assert run("prepare.py", *args).returncode == 0
     for split in prepare.SPLITS:
         assert (out / f"{split}.bin").read_bytes() == (reference / f"{split}.bin").read_bytes()
 
@@ -441,8 +511,6 @@ def test_train_bad_inputs(demo_data, tmp_path):
     cases = [  # more than README's table, in-process
         ([f"--data_dir={data_dir}", "--vocab_size=1000"], "vocabulary"),
         ([f"--data_dir={data_dir}", "--init_from=resume", f"--out_dir={tmp_path / 'none'}"], "no checkpoint"),
-        ([f"--data_dir={data_dir}", "--eval_only=True"], "--init_from=resume"),
-        ([f"--data_dir={data_dir}", "--min_lr=0.1"], "below --learning_rate"),
     ]
     for args, message in cases:
         fails_with(train_script.main, tiny + args, message)
@@ -455,62 +523,115 @@ def logged(out_dir):
         return [{k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in f]
 
 
-def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
-    data_dir, _ = demo_data
-    args = [*TINY_ARGS, "--eval_interval=1000", "--max_iters=150", "--warmup_iters=5", "--log_interval=1",
-            f"--data_dir={data_dir}"]
-    straight = tmp_path / "straight"
-    assert run("train.py", *args, f"--out_dir={straight}").returncode == 0
-    out = tmp_path / "stopped"
-    p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}"], cwd=HERE, env=OFFLINE_ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not (out / "log.jsonl").exists() or len((out / "log.jsonl").read_text().splitlines()) < 10:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
-    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    assert 0 < step < 150
-    r = run("train.py", *args, f"--out_dir={out}", "--init_from=resume")
-    assert r.returncode == 0, r.stderr
+def log_steps(out_dir):
+    with open(out_dir / "log.jsonl") as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def resumable_args(data_dir):
+    """A tiny run whose LR schedule does not depend on max_iters: stopped runs can be given an end later."""
+    return [*TINY_ARGS, "--log_interval=1", "--warmup_iters=5", "--lr_decay_iters=1000", f"--data_dir={data_dir}"]
+
+
+def assert_same_run(out, straight):
+    """The same weights and the same log as the run never stopped, one row per step."""
     a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (straight, out))
     assert same_weights(a, b)
+    steps = log_steps(out)
+    assert steps == sorted(set(steps))
     assert logged(out) == logged(straight)
 
 
-def test_kill_9_at_random_moments_never_damages_the_checkpoint(demo_data, tmp_path):
+def test_sigterm_saves_and_resumes_exactly(demo_data, tmp_path):
     data_dir, _ = demo_data
-    args = [*TINY_ARGS, "--eval_interval=3", "--max_iters=60", "--log_interval=1", f"--data_dir={data_dir}"]
+    args = [*resumable_args(data_dir), "--eval_interval=1000"]
+    out = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters=100000", f"--out_dir={out}"], cwd=HERE,
+                         env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (out / "log.jsonl").exists() or len(log_steps(out)) < 10:  # it is training: stop it
+        assert p.poll() is None
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert step >= 9 and log_steps(out)[-1] <= step
+    end = f"--max_iters={step + 20}"
+    r = run("train.py", f"--out_dir={out}", "--init_from=resume", end)  # the other settings come from ckpt.pt
+    assert r.returncode == 0, r.stderr
     straight = tmp_path / "straight"
-    assert run("train.py", *args, f"--out_dir={straight}").returncode == 0
+    assert run("train.py", *args, end, f"--out_dir={straight}").returncode == 0
+    assert_same_run(out, straight)
+
+
+def test_kill_9_at_any_moment_never_damages_the_run(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    args = [*resumable_args(data_dir), "--eval_interval=3"]
     out = tmp_path / "killed"
+    resume = lambda: ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
+    # killed at exact moments: the new checkpoint written but not flushed, flushed but not renamed, and just
+    # before the best weights are renamed into place
+    for call, path in (("fsync", "ckpt.pt.tmp"), ("replace", "ckpt.pt.tmp"), ("replace", "best.pt.tmp")):
+        r = run_until_it_calls(call, path, "train.py", *args, "--max_iters=100000", f"--out_dir={out}", *resume())
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        model_script.load_checkpoint(str(out / "ckpt.pt")) if (out / "ckpt.pt").exists() else None
+    # and at random moments, judged by the rows the run has logged
     rng = np.random.default_rng(0)
     for trial in range(3):
-        resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
-        p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}", *resume], cwd=HERE,
-                             env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(2.5 + rng.uniform(0, 1.5))  # start-up takes ~2 s; checkpoints every 3 steps after it
+        target = len(log_steps(out)) + int(rng.integers(1, 12)) if (out / "log.jsonl").exists() else 1
+        p = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters=100000", f"--out_dir={out}", *resume()],
+                             cwd=HERE, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while p.poll() is None and not ((out / "log.jsonl").exists() and len(log_steps(out)) >= target):
+            time.sleep(0.001)
         p.kill()
         p.wait()
-        if (out / "ckpt.pt").exists():  # whatever the moment, the file on disk is whole
-            assert torch.load(out / "ckpt.pt", weights_only=True)["step"] <= 60
-    # and once while a checkpoint is being written: its .tmp is on disk (drop one a kill above left behind)
-    (out / "ckpt.pt.tmp").unlink(missing_ok=True)
-    resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
-    p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={out}", *resume], cwd=HERE,
-                         env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (out / "ckpt.pt.tmp").exists():
-        assert p.poll() is None, "the run ended before a checkpoint was caught being written"
-        time.sleep(0.0002)
-    p.kill()
-    p.wait()
-    if (out / "ckpt.pt").exists():
-        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] <= 60
-    resume = ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
-    assert run("train.py", *args, f"--out_dir={out}", *resume).returncode == 0
-    a, b = (torch.load(d / "ckpt.pt", weights_only=True)["model"] for d in (straight, out))
-    assert same_weights(a, b)
-    assert logged(out) == logged(straight)  # the rows past each checkpoint were dropped, not repeated
+        assert p.returncode == -signal.SIGKILL
+        model_script.load_checkpoint(str(out / "ckpt.pt"))  # whatever the moment, the file on disk is whole
+    end = f"--max_iters={torch.load(out / 'ckpt.pt', weights_only=True)['step'] + 7}"
+    assert run("train.py", f"--out_dir={out}", "--init_from=resume", end).returncode == 0
+    straight = tmp_path / "straight"
+    assert run("train.py", *args, end, f"--out_dir={straight}").returncode == 0
+    assert_same_run(out, straight)  # the rows past each checkpoint were dropped, not repeated
+
+
+def test_resuming_a_finished_run_changes_nothing_and_max_iters_extends_it(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    args = [*TINY_ARGS, "--log_interval=1", "--eval_interval=4", f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]
+    assert run("train.py", *args, "--max_iters=6").returncode == 0
+    before = tree_state(tmp_path)
+    r = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume")
+    assert r.returncode == 0 and "already complete at step 6" in r.stdout and "--max_iters=M" in r.stdout, r.stderr
+    assert tree_state(tmp_path) == before
+    # a longer max_iters goes on, on the LR schedule of the longer run (warmup and decay follow max_iters)
+    r = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=12")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in rows] == list(range(13))
+    cfg = {**torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]}
+    assert cfg["max_iters"] == 12 and cfg["batch_size"] == 4  # the run's own settings, not the defaults
+    for row in rows[7:]:  # the loss of step s - 1 is logged with step s, with its LR
+        assert row["lr"] == pytest.approx(train_script.get_lr(row["step"] - 1, cfg), rel=1e-12)
+    assert rows[7]["lr"] > rows[6]["lr"]  # back up from the end of the shorter schedule
+
+
+def test_a_cpu_run_says_what_it_will_cost_before_the_first_evaluation(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    # the default model and settings, as a newcomer runs them on a laptop
+    p = subprocess.Popen([sys.executable, "train.py", "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={tmp_path}"],
+                         cwd=HERE, env=OFFLINE_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    try:
+        while not lines or not lines[-1].startswith("note:"):
+            line = p.stdout.readline()
+            assert line, f"train.py ended without a note: {lines}"
+            lines.append(line)
+    finally:
+        p.kill()
+        p.wait()
+    note = lines[-1]
+    assert not any(line.startswith("step ") for line in lines)
+    assert "max_iters=5000" in note and "--preset=cpu" in note and f"eval_iters={train_script.CPU_EVAL_ITERS}" in note
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 def small_disk(limit):
@@ -880,14 +1001,24 @@ def test_every_row_of_the_readme_table(demo_data, trained, tmp_path):
             ("sample.py", [f"--out_dir={tmp_path / d}"], "is not a readable checkpoint", 1) for d in ("corrupt", "truncated")],
         "`python sample.py` on a checkpoint for another vocabulary": [
             ("sample.py", [f"--out_dir={tmp_path / 'vocab'}"], "has a 32000-token vocabulary, not GPT-2's 50257", 1)],
-        "`python sample.py --temperature=-1` / `--top_p=1.5` / `--top_k=0` / `--num_samples=0`": [
-            ("sample.py", [o, flag], flag.split("=")[0], 1)
-            for flag in ("--temperature=-1", "--top_p=0", "--top_p=1.5", "--top_k=0", "--num_samples=0")],
+        "`python sample.py --top_p=1.5`, or any value out of its key's range (`config.rules` has one for every key)": [
+            ("sample.py", [o, flag], f"{flag}: must be", 2)
+            for flag in ("--temperature=-1.0", "--top_p=0.0", "--top_p=1.5", "--top_k=0", "--num_samples=0")],
+        "`python train.py --n_head=5` with the default `n_embd=384`, or another combination that cannot work": [
+            ("train.py", ["--n_head=5"], "--n_embd=384, --n_head=5: n_embd must be a multiple of n_head", 2),
+            ("train.py", tiny + ["--min_lr=0.1"], "min_lr must not exceed learning_rate", 2)],
         "`python sample.py --start=FILE:missing.txt` / an empty / a non-UTF-8 file": [
             ("sample.py", [o, f"--start=FILE:{tmp_path / name}"], message, 1) for name, message in
             (("missing.txt", "cannot read the prompt file"), ("empty.txt", "is empty"), ("latin1.txt", "is not UTF-8 text"))],
         "`python sample.py --start=\"<a prompt longer than the context>\"`": [
             ("sample.py", [o, "--start=" + "Once upon a time " * 10], "longer than the model's context", 1)],
+        "`python export.py` with no checkpoint, or a truncated or random-bytes one": [
+            ("export.py", [f"--out_dir={tmp_path / d}"], message, 1) for d, message in
+            (("none", "no checkpoint at"), ("corrupt", "is not a readable checkpoint"),
+             ("truncated", "is not a readable checkpoint"))],
+        "`python export.py --export_dir=~/photos` holding files export.py did not write": [
+            ("export.py", [o, f"--export_dir={tmp_path / 'photos'}"],
+             "photos holds files export.py did not write (train.bin): refusing to replace it", 1)],
     }
     # rows that need a signal or a full disk have tests of their own, also by subprocess
     own_tests = {
@@ -918,3 +1049,183 @@ def test_every_row_of_the_readme_table(demo_data, trained, tmp_path):
     assert after[0].pop(log)[2].startswith(before[0].pop(log)[2])
     changed = [p for a, b in zip(before, after) for p in set(a) | set(b) if a.get(p) != b.get(p)]
     assert not changed, changed  # not a file written, changed or removed
+
+
+# -----------------------------------------------------------------------------
+# export.py: the model in Hugging Face transformers, checked by transformers' own GPT-2
+
+
+@pytest.fixture(scope="session")
+def hf():
+    """transformers, imported once (it takes seconds) and offline: a test must never touch the network."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # huggingface_hub reads it when first imported,
+    import huggingface_hub.constants
+    huggingface_hub.constants.HF_HUB_OFFLINE = True  # in case something imported it before
+    import transformers
+    return transformers
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("test_all.py: no network in the export tests")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="session")
+def exported(demo_data, trained, tmp_path_factory):
+    """{bias: (out_dir, the project's model from its checkpoint, export folder)} for the tiny trained model
+    (no biases) and one trained a few steps with --bias=True."""
+    data_dir, _ = demo_data
+    biased = tmp_path_factory.mktemp("trained_bias")
+    train_script.train(tiny_cfg(data_dir, biased, bias=True, max_iters=2, eval_interval=2, eval_iters=1))
+    runs = {}
+    for bias, out_dir in ((False, trained[0]), (True, biased)):
+        folder = tmp_path_factory.mktemp("hf") / "export"
+        export_script.export({"out_dir": str(out_dir), "checkpoint": "ckpt.pt", "export_dir": str(folder)})
+        path = str(out_dir / "ckpt.pt")
+        runs[bias] = out_dir, model_script.model_from_checkpoint(model_script.load_checkpoint(path), path).eval(), folder
+    return runs
+
+
+def load_exported(hf, folder):
+    """transformers' model from the folder; every weight must come from the file (none missing, left over,
+    of another shape, or newly initialised)."""
+    gpt2, info = hf.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert type(gpt2).__name__ == "GPT2LMHeadModel" and not any(info.values()), info
+    return gpt2.eval()
+
+
+def story_windows(enc, n, length):
+    """n windows of real stories, each an end-of-text token and the story's first length - 1 tokens."""
+    windows = [[EOT] + enc.encode_ordinary(s)[:length - 1] for s in demo_stories()]
+    return torch.tensor([w for w in windows if len(w) == length][:n])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_transformers_computes_the_same_logits(exported, hf, enc, no_network, bias):
+    _, model, folder = exported[bias]
+    gpt2 = load_exported(hf, folder)
+    assert gpt2.config.tie_word_embeddings and gpt2.lm_head.weight.data_ptr() == gpt2.transformer.wte.weight.data_ptr()
+    assert gpt2.config.n_positions == model.config.block_size and gpt2.dtype == torch.float32
+    if bias:  # trained biases, not the zeros a model without them exports
+        assert all(b.abs().max() > 0 for k, b in model.state_dict().items() if k.endswith(".bias"))
+    ids = story_windows(enc, 8, model.config.block_size)
+    with torch.no_grad():
+        ours, _ = model(ids)
+        theirs = gpt2(ids).logits
+    assert theirs.shape == (8, model.config.block_size, 50257)  # the padded rows are gone
+    diff = (ours[..., :50257] - theirs).abs().amax(dim=(0, 2))  # the largest difference at each position
+    assert diff.max() < 1e-4, diff  # every position, the last of the context included
+    print(f"bias={bias}: max |logit difference| {diff.max():.2e} (fp32)")
+
+
+def test_transformers_greedy_tokens_equal_sample_py(exported, hf, enc, no_network):
+    out_dir, model, folder = exported[False]
+    gpt2 = load_exported(hf, folder)
+    tokenizer = hf.AutoTokenizer.from_pretrained(folder)
+    generate = hf.pipeline("text-generation", model=str(folder))  # as README shows it
+    for prompt in ("Lily and Ben went to the park.", ""):  # "" starts a fresh story, as sample.py does
+        ids = tokenizer(prompt)["input_ids"]
+        assert ids == [EOT] + enc.encode_ordinary(prompt)  # the start sample.py gives every prompt
+        # transformers' GPT-2 stops at the end of the context (sample.py would slide its window on)
+        n = model.config.block_size - len(ids)
+        theirs = gpt2.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
+        ours = torch.cat([t for t, _ in model.generate(torch.tensor([ids]), n, temperature=0.0)], dim=1)[0].tolist()
+        assert ours[:len(theirs)] == theirs and (len(theirs) == n or theirs[-1] == EOT)  # generate() stops at EOT
+        story = sample_script.sample(sample_cfg(out_dir, start=prompt, temperature=0.0, max_new_tokens=n,
+                                                num_samples=1), out=None)[0]
+        assert story == prompt + enc.decode([t for t in theirs if t != EOT])
+        assert generate(prompt, do_sample=False, max_new_tokens=n)[0]["generated_text"] == story  # README's way
+
+
+def test_an_untied_head_exports_as_a_matrix_of_its_own(hf, tmp_path, no_network):
+    # A random model with a head of its own: not tied, and its greedy tokens vary (a tiny trained model repeats
+    # one token), so equal tokens say more
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).eval()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.wte.weight) * 0.02)
+    export_script.write_export(model, str(tmp_path / "hf"), {})
+    gpt2 = load_exported(hf, tmp_path / "hf")
+    assert not gpt2.config.tie_word_embeddings
+    ids = torch.randint(0, 50257, (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids)[0][..., :50257] - gpt2(ids).logits).abs().max() < 1e-4
+    start = torch.tensor([[EOT]])
+    theirs = gpt2.generate(start, do_sample=False, max_new_tokens=15, eos_token_id=None)[0, 1:].tolist()
+    ours = torch.cat([t for t, _ in model.generate(start, 15, temperature=0.0)], dim=1)[0].tolist()
+    assert ours == theirs and len(set(ours)) > 3
+
+
+def test_exported_tokenizer_gives_tiktokens_ids(exported, hf, enc, no_network):
+    tokenizer = hf.AutoTokenizer.from_pretrained(exported[False][2])
+    assert tokenizer.bos_token_id == tokenizer.eos_token_id == EOT
+    with open(prepare.DEMO_CORPUS) as f:
+        texts = [f.read()]
+    valid = os.path.join(SHARED_DATA, "tinystories-valid.txt.gz")
+    if os.path.exists(valid):  # real TinyStories, when the checkout has them beside it
+        with gzip.open(valid, "rt") as f:
+            texts.append("<|endoftext|>".join(f.read().split("<|endoftext|>")[:300]))
+    for text in texts:  # stories separated by "<|endoftext|>"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == enc.encode(text, allowed_special={"<|endoftext|>"})  # the separator is one token, 50256
+        assert ids.count(EOT) == text.count("<|endoftext|>") > 50
+        # as plain text (what tiktoken's encode_ordinary and prepare.py do with it): the letters' tokens
+        assert tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
+            enc.encode_ordinary(text)
+        assert tokenizer.decode(ids) == text
+        stories = [s for s in text.split("<|endoftext|>") if s.strip()][:100]
+        assert tokenizer(stories)["input_ids"] == [[EOT] + enc.encode_ordinary(s) for s in stories]
+
+
+def test_export_refuses_what_it_did_not_write(trained, tmp_path):
+    out_dir, _ = trained
+    ours = tmp_path / "ours"  # an earlier export, to which the user added a file
+    export_script.main([f"--out_dir={out_dir}", f"--export_dir={ours}"])
+    (ours / "README.md").write_text("my notes")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"precious")
+    (tmp_path / "hub").mkdir()  # a folder as transformers writes it: the same names, not export.py's
+    (tmp_path / "hub" / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "a_file").write_text("precious")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "ckpt.pt").write_bytes(os.urandom(5000))
+    before, names = tree_state(tmp_path), sorted(os.listdir(tmp_path))
+    o = f"--out_dir={out_dir}"
+    cases = [
+        ([f"--out_dir={tmp_path / 'none'}", f"--export_dir={tmp_path / 'x'}"], "no checkpoint at"),
+        ([f"--out_dir={tmp_path / 'corrupt'}", f"--export_dir={tmp_path / 'x'}"], "is not a readable checkpoint"),
+        ([o, f"--export_dir={tmp_path / 'photos'}"], "photos holds files export.py did not write (cat.jpg)"),
+        ([o, f"--export_dir={ours}"], "did not write (README.md)"),
+        ([o, f"--export_dir={tmp_path / 'hub'}"], "did not write (config.json)"),
+        ([o, f"--export_dir={tmp_path / 'a_file'}"], "is not a folder"),
+        ([o, f"--export_dir={tmp_path}"], "did not write (a_file, corrupt, hub)"),
+    ]
+    for args, message in cases:
+        fails_with(export_script.main, args, message)
+    with pytest.raises(SystemExit) as e:
+        export_script.main([o, "--export_dir= "])
+    assert e.value.code == 2
+    assert tree_state(tmp_path) == before and sorted(os.listdir(tmp_path)) == names  # no temporary folder left
+
+
+def test_export_replaces_its_own_export_whole(trained, tmp_path):
+    out_dir, _ = trained
+    folder = tmp_path / "hf"
+    args = [f"--out_dir={out_dir}", f"--export_dir={folder}"]
+    export_script.main(args)
+    first = tree_state(folder)
+    export_script.main(args)  # replaces it: the same bytes, new files
+    second = tree_state(folder)
+    assert sorted(second) == sorted(first) == sorted(str(folder / f) for f in export_script.FILES)
+    assert all(second[f][2] == first[f][2] and second[f][1] != first[f][1] for f in first)
+    assert os.listdir(tmp_path) == ["hf"]
+    # a full disk (the OS refuses writes past 1 MB, as a full disk would): one line, the export as it was
+    r = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), *args], env=OFFLINE_ENV, capture_output=True,
+                       text=True, timeout=120, preexec_fn=small_disk(1_000_000))  # the weights are ~6.5 MB
+    last = error_line(r)
+    assert r.returncode == 1 and last.startswith("error: File too large") and "as it was" in last, r.stderr[-1000:]
+    assert "Traceback" not in r.stderr
+    assert tree_state(folder) == second and os.listdir(tmp_path) == ["hf"]

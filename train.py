@@ -23,10 +23,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import UserError, get_config, model as model_keys, parse_args, paths, system, train as train_keys
+from config import UserError, check_config, get_config, model as model_keys, parse_args, paths, system, train as train_keys
 from model import GPT, GPTConfig, autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
 MODEL_KEYS = tuple(model_keys)
+RUN_KEYS = ("init_from", "eval_only", "checkpoint", "out_dir")  # what this command does, not the run's settings
 
 
 # -----------------------------------------------------------------------------
@@ -289,6 +290,43 @@ class StopRequest:
         self.signal = signum
 
 
+CPU_EVAL_ITERS = 5  # on a CPU, batches per split for each evaluation unless --eval_iters says otherwise
+
+
+def cpu_note(model, cfg, tokens_per_iter, explicit):
+    """What the run will cost on this CPU: the model's FLOPs at the rate of a head-shaped matmul, timed now."""
+    a, b = torch.randn(256, model.config.n_embd), torch.randn(model.config.n_embd, model.config.padded_vocab_size)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(2):
+        a @ b
+    flops_per_second = 2 * 2 * a.size(0) * a.size(1) * b.size(1) / (time.perf_counter() - start)
+    step = model.flops_per_token() * tokens_per_iter / flops_per_second
+    evaluation = step / 3 * 2 * cfg["eval_iters"] * cfg["batch_size"] * cfg["block_size"] / tokens_per_iter
+    note = (f"note: this CPU does about {flops_per_second / 1e9:.0f} GFLOP/s, so a step takes at least {duration(step)}, "
+            f"max_iters={cfg['max_iters']} at least {duration(step * cfg['max_iters'])}, and each evaluation "
+            f"(eval_iters={cfg['eval_iters']}{'' if 'eval_iters' in explicit else ', the CPU default'}) about "
+            f"{duration(evaluation)}")
+    if step * cfg["max_iters"] > 3600 and not cfg["preset"]:
+        note += "; --preset=cpu trains a smaller model in about 10 minutes"
+    return note
+
+
+def duration(seconds):
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} hours"
+
+
+def wants_compile(cfg, device, explicit):
+    """torch.compile by default on CUDA only. On a CPU the eager step with the fused loss is the faster one
+    (bench.py train) and compiling takes a minute, so there it compiles only when asked: --compile=True."""
+    return cfg["compile"] and (device.type == "cuda" or "compile" in explicit)
+
+
+# Dense bf16 peak FLOP/s by device type, for the MFU in the progress bar: an H100 SXM's 989 TFLOP/s (an A100
+# has 312e12: edit for yours). The tests add a CPU entry, so that the figure is computed in CI too.
+PEAK_FLOPS = {"cuda": 989e12}
+
+
 def train_step(model, optimizer, scaler, data, generator, grad_accum, cfg, ctx, device):
     """One optimizer step over grad_accum micro-batches; returns the last micro-batch's loss."""
     for micro in range(grad_accum):
@@ -311,7 +349,8 @@ def train_step(model, optimizer, scaler, data, generator, grad_accum, cfg, ctx, 
 
 def train(cfg, explicit=()):
     """Train (or resume, or with eval_only just evaluate) as cfg says; returns a summary dict.
-    `explicit` names the keys the user set: on resume those may not contradict the checkpoint's model shape."""
+    `explicit` names the keys the user set: on resume they replace the checkpoint's settings, but may not change
+    the model's shape."""
     rank, world, local = setup_ddp(cfg)
     master = rank == 0
     device = pick_device(cfg["device"])
@@ -328,13 +367,17 @@ def train(cfg, explicit=()):
             if k in explicit and cfg[k] != ckpt["config"][k]:
                 raise UserError(f"{path} was trained with {k}={ckpt['config'][k]!r}, not --{k}={cfg[k]!r}: "
                                  f"the model shape cannot change on resume")
-        cfg = {**cfg, **{k: ckpt["config"][k] for k in MODEL_KEYS}}
-    elif cfg["init_from"] != "scratch":
-        raise UserError(f"--init_from={cfg['init_from']}: choose scratch or resume")
-    elif cfg["eval_only"]:
-        raise UserError("--eval_only=True scores a trained model: add --init_from=resume")
-    if not 0 <= cfg["min_lr"] < cfg["learning_rate"]:
-        raise UserError(f"--min_lr={cfg['min_lr']} must be below --learning_rate={cfg['learning_rate']}")
+        # a resumed run goes on with the settings it was started with; only the keys given now change
+        saved = {k: v for k, v in ckpt["config"].items() if k in cfg and k not in explicit and k not in RUN_KEYS}
+        cfg = {**cfg, **saved, **{k: ckpt["config"][k] for k in MODEL_KEYS}}
+    check_config(cfg)  # also what a resumed run takes from its checkpoint, with the flags given now
+    if ckpt is not None and not cfg["eval_only"] and ckpt["step"] >= cfg["max_iters"]:
+            if master:
+                print(f"{path} is already complete at step {ckpt['step']} (max_iters={cfg['max_iters']}): "
+                      f"nothing to do. To train longer: python train.py --init_from=resume --max_iters=M")
+            if world > 1:
+                dist.destroy_process_group()
+            return dict(best_val_loss=ckpt["best_val_loss"], model=None)
     if cfg["gradient_accumulation_steps"] % world:
         raise UserError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not a multiple "
                          f"of the {world} DDP processes")
@@ -343,10 +386,12 @@ def train(cfg, explicit=()):
     torch.manual_seed(cfg["seed"] + rank)
     ctx, dtype = autocast_context(device, cfg["dtype"])
     if ckpt is not None:
-        model = model_from_checkpoint(ckpt, ckpt_path)
+        model = model_from_checkpoint(ckpt, path)
     else:
         model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
-    model.fused_loss = device.type == "cpu"  # a big win on CPU; on GPUs torch.compile fuses the loss itself
+    compiling = wants_compile(cfg, device, explicit)
+    # the fused loss is a big win for an eager step on a CPU; a compiled model keeps the plain loss, as on a GPU
+    model.fused_loss = device.type == "cpu" and not compiling
     model.to(device)
 
     if cfg["eval_only"]:
@@ -366,9 +411,16 @@ def train(cfg, explicit=()):
               f"{n_total / 1e6:.2f}M in all (the head is tied to the token embedding)")
         print(f"tokens per step: {tokens_per_iter:,} = {grad_accum} accumulation x {world} processes x "
               f"{cfg['batch_size']} batch x {cfg['block_size']} tokens; on {device} in {dtype}")
+    if device.type == "cpu":
+        # A CPU may need hours where a GPU needs minutes: say so before the first evaluation, and keep that
+        # evaluation short unless the user asked for a length.
+        if "eval_iters" not in explicit:
+            cfg = {**cfg, "eval_iters": min(cfg["eval_iters"], CPU_EVAL_ITERS)}
+        if master:
+            print(cpu_note(model, cfg, tokens_per_iter, explicit))
 
     optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
     generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
     start_step, best_val = 0, float("inf")
     if ckpt is not None:
@@ -380,8 +432,11 @@ def train(cfg, explicit=()):
             print(f"resuming from {ckpt_path} at step {start_step}")
     del ckpt
     raw_model = model  # saved and evaluated without the compile and DDP wrappers
-    if cfg["compile"] and device.type == "cuda":
-        model = torch.compile(model)
+    if compiling:
+        if master and device.type != "cuda":
+            print(f"compiling the model for {device.type}, as asked (--compile=True): the first step waits a minute "
+                  f"or so for the C++ compiler, and the steps use the plain loss (bench.py train compares)")
+        model = torch.compile(model, dynamic=False)  # the shapes never change: one graph, never recompiled
     if world > 1:
         model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
 
@@ -404,25 +459,28 @@ def train(cfg, explicit=()):
     with StopRequest() as stop, log_file as log, bar:
         t0 = time.time()
         diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
+        # log.jsonl holds one row per step it mentions. Step s's row (the loss of the step that ended at s, the
+        # evaluation at s) is written before the checkpoint at s, so a resumed run never writes it again.
+        row = {}
         for step in range(start_step, max_iters + 1):
             last_step = step == max_iters
-            lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
             # evaluate and save at every eval_interval and at the end; not again at the step just resumed from
-            if last_step or (step % cfg["eval_interval"] == 0 and (step == 0 or step > start_step)):
+            evaluate = last_step or (step % cfg["eval_interval"] == 0 and (step == 0 or step > start_step))
+            if evaluate:
                 losses = estimate_loss(raw_model, bins, cfg, ctx, device)
                 if not math.isfinite(losses["validation"]):
                     raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
                 if master:
                     bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
-                    write_log(log, step=step, tokens=step * tokens_per_iter, train_loss=losses["train"],
-                              val_loss=losses["validation"], lr=lr, elapsed=time.time() - t0)
-                    if losses["validation"] < best_val:
-                        best_val = losses["validation"]
-                        save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"),
-                                        dict(model=raw_model.state_dict(), config=cfg, step=step, val_loss=best_val))
+                row.update(train_loss=losses["train"], val_loss=losses["validation"])
+            if row and master:
+                write_log(log, step=step, tokens=step * tokens_per_iter, **row, elapsed=time.time() - t0)
+            row = {}
+            if evaluate:
+                if master and losses["validation"] < best_val:
+                    best_val = losses["validation"]
+                    save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"),
+                                    dict(model=raw_model.state_dict(), config=cfg, step=step, val_loss=best_val))
                 checkpoint(step, best_val)
             if last_step:
                 break
@@ -434,6 +492,9 @@ def train(cfg, explicit=()):
                           f"continue with --init_from=resume", file=sys.stderr)
                 sys.exit(128 + stop.signal)  # the shell's convention for "ended by this signal"
 
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             step_start = time.time()
             loss = train_step(model, optimizer, scaler, bins["train"], generator, grad_accum, cfg, ctx, device)
             bar.update(1)
@@ -442,18 +503,12 @@ def train(cfg, explicit=()):
                 loss_value = loss.item()  # waits for the GPU: so only every log_interval steps
                 if not math.isfinite(loss_value):
                     raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
-                step_time = time.time() - step_start
-                tok_s = tokens_per_iter / step_time
+                tok_s = tokens_per_iter / (time.time() - step_start)
                 postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                if device.type == "cuda":  # against an H100 SXM's 989 TFLOP/s bf16 dense peak
-                    postfix["mfu"] = f"{100 * raw_model.estimate_mfu(tok_s, 989e12):.1f}%"
+                if PEAK_FLOPS.get(device.type):
+                    postfix["mfu"] = f"{100 * raw_model.estimate_mfu(tok_s, PEAK_FLOPS[device.type]):.1f}%"
                 bar.set_postfix(postfix, refresh=False)
-                write_log(log, step=step + 1, tokens=(step + 1) * tokens_per_iter, loss=loss_value, lr=lr,
-                          elapsed=time.time() - t0)
-                if step == start_step and device.type == "cpu" and not cfg["preset"] and max_iters - step > 1000:
-                    bar.write(f"note: at {step_time:.1f} s a step, this CPU needs about "
-                              f"{(max_iters - step) * step_time / 3600:.0f} hours for max_iters={max_iters}; "
-                              f"--preset=cpu trains a smaller model in about 10 minutes")
+                row = dict(loss=loss_value, lr=lr)  # logged as step + 1, where this step ends
     if master:
         plot_losses(out_dir)
     if world > 1:
