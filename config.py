@@ -25,7 +25,7 @@ paths = dict(
 system = dict(
     device="auto",  # auto picks cuda, then mps, then cpu
     dtype="auto",  # auto: bfloat16 on CUDA (float16 + grad scaler on old GPUs), float32 elsewhere
-    compile=True,  # torch.compile on CUDA; ignored on CPU/MPS, where it does not pay (see bench.py)
+    compile=True,  # torch.compile on CUDA; on a CPU only if --compile=True is given (eager is faster there)
     seed=1337,
 )
 model = dict(
@@ -43,8 +43,10 @@ train = dict(
     batch_size=64,  # micro-batch size, sequences of block_size tokens
     gradient_accumulation_steps=1,  # micro-batches per optimizer step (split across DDP ranks)
     max_iters=5000,  # optimizer steps
-    learning_rate=1e-3,  # peak LR, after warmup
-    min_lr=1e-4,  # LR at the end of the cosine; must be below learning_rate
+    optimizer="muon",  # muon: Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW for everything
+    learning_rate=1e-3,  # AdamW's peak LR, after warmup
+    min_lr=1e-4,  # AdamW's LR at the end of the cosine; Muon's LR ends as much below its peak
+    muon_lr=0.02,  # Muon's peak LR, for the blocks' weight matrices; it follows the same schedule
     warmup_iters=-1,  # -1: 2% of max_iters
     lr_decay_iters=-1,  # -1: max_iters
     weight_decay=0.1,  # on matrices and embeddings only, never on norms or biases
@@ -115,6 +117,8 @@ rules = dict(
     beta1=(lambda v: 0 <= v < 1, "in [0, 1)"),
     beta2=(lambda v: 0 <= v < 1, "in [0, 1)"),
     grad_clip=(lambda v: 0 <= v < float("inf"), "a number >= 0 (0 disables clipping)"),
+    optimizer=(lambda v: v in ("muon", "adamw"), "muon or adamw"),
+    muon_lr=(lambda v: 0 < v < float("inf"), "a positive number"),
     eval_interval=(lambda v: v >= 1, "at least 1"),
     eval_iters=(lambda v: v >= 1, "at least 1"),
     log_interval=(lambda v: v >= 1, "at least 1"),

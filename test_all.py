@@ -4,11 +4,14 @@ The test suite: python -m pytest -q test_all.py   (CPU, tiny models, a couple of
 Tests assert relations (cache == no cache, resume == straight run, fused loss == plain loss, bins decode to
 their stories) rather than numbers copied from a run.
 """
+import contextlib
 import gzip
 import io
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,8 +33,11 @@ from tokenizer import EOT, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(HERE, "..", "shared", "data")
-# an address that never resolves, so tests never wait on the network
-OFFLINE_ENV = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "PYTHONUNBUFFERED": "1"}
+# an address that never resolves, so tests never wait on the network; and one thread per process (below)
+OFFLINE_ENV = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# The tests' models are tiny: one thread runs their ops as fast as two, and on a busy machine an op shared by
+# two threads waits for whichever lost its core (a 64 x 64 matmul then takes milliseconds, not microseconds).
+torch.set_num_threads(1)
 
 
 def demo_stories():
@@ -144,7 +150,7 @@ def test_config_parses_types_and_rejects_mistakes():
 # A key added to config.py without a rule, or a rule without a case here, fails the test below.
 NONSENSE = dict(
     dataset="", val_fraction=1.0, data_dir="", out_dir=" ", checkpoint="", device="gpu", dtype="fp8", seed=-1,
-    n_layer=0, n_head=0, n_embd=-8, block_size=0, vocab_size=70000, dropout=1.0, init_from="pretrained",
+    n_layer=0, n_head=0, n_embd=-8, block_size=0, vocab_size=70000, dropout=1.0, init_from="pretrained", optimizer="sgd", muon_lr=0.0,
     batch_size=0, gradient_accumulation_steps=0, max_iters=0, learning_rate=0.0, min_lr=-1e-4, warmup_iters=-2,
     lr_decay_iters=0, weight_decay=-0.1, beta1=1.0, beta2=1.5, grad_clip=-1.0, eval_interval=0, eval_iters=0,
     log_interval=0, num_samples=0, max_new_tokens=0, temperature=-0.5, top_k=0, top_p=0.0, preset="gpu",
@@ -437,20 +443,54 @@ def test_get_batch(demo_data):
         assert data[start + 16] == y[row, -1]
 
 
-def test_overfit_a_fixed_batch():
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_the_optimizers_overfit_a_fixed_batch(optimizer):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16))
     model.fused_loss = True
     x, y = torch.randint(0, 50257, (2, 4, 16))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(80):
+    cfg = {**config.train, "optimizer": optimizer, "learning_rate": 3e-3, "max_iters": 80}
+    optimizers = train_script.make_optimizers(model, cfg, torch.device("cpu"))
+    assert len(optimizers) == (2 if optimizer == "muon" else 1)
+    losses = []
+    for step in range(80):
+        train_script.set_lr(optimizers, step, cfg)
         _, loss = model(x, y)
-        first = first or loss.item()
-        opt.zero_grad()
+        losses.append(loss.item())
         loss.backward()
-        opt.step()
-    assert loss.item() < 0.2 * first
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad()
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def test_muon_orthogonalizes_each_update():
+    g = torch.Generator().manual_seed(0)
+    for batch, rows, cols in ((1, 48, 16), (1, 16, 48), (3, 24, 24)):
+        # a known SVD, with singular values spread over two orders of magnitude: far from orthogonal
+        k = min(rows, cols)
+        U = torch.linalg.qr(torch.randn(batch, rows, k, generator=g)).Q
+        V = torch.linalg.qr(torch.randn(batch, cols, k, generator=g)).Q
+        G = U @ torch.diag_embed(torch.logspace(-1, 1, k).expand(batch, k)) @ V.mT
+        core = U.mT @ train_script.orthogonalize(G) @ V  # the result in G's singular bases
+        diagonal = torch.diagonal(core, dim1=-2, dim2=-1)
+        assert ((diagonal > 0.6) & (diagonal < 1.25)).all(), diagonal  # every singular value near 1,
+        assert (core - torch.diag_embed(diagonal)).abs().max() < 1e-4  # the singular vectors unchanged
+    # one step of Muon moves each matrix by lr x its orthogonalized gradient: c_attn as three (q, k, v) matrices,
+    # a tall matrix scaled up by sqrt(rows / cols) so its entries are as big as a square one's
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    matrices = {name: p for name, p in model.h.named_parameters() if p.dim() == 2}
+    before = {name: p.detach().clone() for name, p in matrices.items()}
+    for p in matrices.values():
+        p.grad = torch.randn(p.shape, generator=g)
+    train_script.Muon(list(matrices.values()), lr=0.1).step()
+    for name, p in matrices.items():
+        moved = (before[name] - p.detach()) / 0.1
+        rows, cols = p.shape
+        blocks = moved.view(3, cols, cols) if name.endswith("c_attn.weight") else moved[None]
+        singular = torch.linalg.svdvals(blocks)
+        scale = max(1, rows / cols) ** 0.5 if rows != 3 * cols else 1.0
+        assert ((singular > 0.6 * scale) & (singular < 1.25 * scale)).all(), (name, singular)
 
 
 def test_training_lowers_the_loss_and_writes_its_files(demo_data, tmp_path):
@@ -486,15 +526,18 @@ def test_resume_equals_an_uninterrupted_run(demo_data, tmp_path):
     assert same_weights(weights(straight["model"]), weights(resumed["model"]))
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
     assert a["step"] == b["step"] == 10
-    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+    assert len(a["optimizer"]) == len(b["optimizer"]) == 2  # AdamW and Muon
+    for x, y in zip(a["optimizer"], b["optimizer"]):
+        assert x["state"].keys() == y["state"].keys()
+        assert all(torch.equal(x["state"][i][k], y["state"][i][k]) for i in x["state"] for k in x["state"][i])
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(demo_data, tmp_path, monkeypatch):
     data_dir, _ = demo_data
     # plain SGD: Adam's first steps are about sign(gradient), which turns rounding noise in near-zero
     # gradients into whole learning-rate steps and would hide what this test is about
-    monkeypatch.setattr(train_script, "make_optimizer", lambda model, cfg, device: torch.optim.SGD(
-        model.parameters(), lr=cfg["learning_rate"]))
+    monkeypatch.setattr(train_script, "make_optimizers", lambda model, cfg, device: [torch.optim.SGD(
+        model.parameters(), lr=cfg["learning_rate"])])
     one = train_script.train(tiny_cfg(data_dir, tmp_path / "a", batch_size=8, max_iters=3))
     two = train_script.train(tiny_cfg(data_dir, tmp_path / "b", batch_size=4, gradient_accumulation_steps=2,
                                       max_iters=3))
@@ -524,8 +567,9 @@ def logged(out_dir):
 
 
 def log_steps(out_dir):
+    """The steps of log.jsonl's rows; a row still being written by a running process is not one yet."""
     with open(out_dir / "log.jsonl") as f:
-        return [json.loads(line)["step"] for line in f]
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
 
 
 def resumable_args(data_dir):
@@ -569,15 +613,15 @@ def test_kill_9_at_any_moment_never_damages_the_run(demo_data, tmp_path):
     args = [*resumable_args(data_dir), "--eval_interval=3"]
     out = tmp_path / "killed"
     resume = lambda: ["--init_from=resume"] if (out / "ckpt.pt").exists() else []
-    # killed at exact moments: the new checkpoint written but not flushed, flushed but not renamed, and just
-    # before the best weights are renamed into place
-    for call, path in (("fsync", "ckpt.pt.tmp"), ("replace", "ckpt.pt.tmp"), ("replace", "best.pt.tmp")):
+    # killed at exact moments: the new checkpoint written but not yet flushed and renamed, and just before the
+    # best weights are renamed into place
+    for call, path in (("fsync", "ckpt.pt.tmp"), ("replace", "best.pt.tmp")):
         r = run_until_it_calls(call, path, "train.py", *args, "--max_iters=100000", f"--out_dir={out}", *resume())
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
         model_script.load_checkpoint(str(out / "ckpt.pt")) if (out / "ckpt.pt").exists() else None
     # and at random moments, judged by the rows the run has logged
     rng = np.random.default_rng(0)
-    for trial in range(3):
+    for trial in range(2):
         target = len(log_steps(out)) + int(rng.integers(1, 12)) if (out / "log.jsonl").exists() else 1
         p = subprocess.Popen([sys.executable, "train.py", *args, "--max_iters=100000", f"--out_dir={out}", *resume()],
                              cwd=HERE, env=OFFLINE_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -934,6 +978,195 @@ def test_cuda_compile_bf16_trains(demo_data, tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# The CUDA path, on a CPU: torch.compile (inductor, C++ kernels), bf16 autocast, the plain loss, fp16 with the grad
+# scaler, MFU, and bench.py's GPU branches. Compiling costs tens of seconds, so one compiled graph (the tiny model,
+# batch 4 x 16, bf16, training, deterministic) is shared: train.py's runs and bench.py's train section all use that
+# same graph, and only its first use compiles; the later ones find it in inductor's cache (its folder, reused
+# across runs too).
+
+def missing_for_cpu_compile():
+    """What torch.compile on a CPU (inductor: C++ kernels built as Python extensions) needs and this machine lacks."""
+    import sysconfig
+
+    if not shutil.which(os.environ.get("CXX") or "g++"):
+        return "a C++ compiler (g++, or $CXX)"
+    if not os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")):
+        return "Python's C headers (Python.h: the python3-dev package)"
+    return None
+
+
+needs_cpp = pytest.mark.skipif(missing_for_cpu_compile() is not None,
+                               reason=f"torch.compile on a CPU needs {missing_for_cpu_compile()}, missing here")
+TINY_MODEL = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Compiled kernels add the embeddings' gradients with atomic adds, in whatever order the threads come: runs
+    then differ in the last bits. Deterministic algorithms make inductor add them in order, so a resumed compiled
+    run can be held to the same weights as a straight one."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def recording_optimizers(grads, make=train_script.make_optimizers):
+    """A stand-in for train.make_optimizers: the same optimizers; the first one's step() records the gradients
+    (all of them, before any optimizer has changed a weight)."""
+
+    def make_recording(model, cfg, device):
+        optimizers = make(model, cfg, device)
+        step = optimizers[0].step
+
+        def recording_step(*args, **kwargs):
+            grads.append([p.grad.clone() for p in model.parameters()])
+            return step(*args, **kwargs)
+        optimizers[0].step = recording_step
+        return optimizers
+    return make_recording
+
+
+@pytest.fixture(scope="session")
+def compiled_runs(demo_data, tmp_path_factory):
+    """train.py in bf16 on a CPU, eager and compiled (--compile=True), 4 steps each, plus a compiled run stopped
+    at step 2 and resumed: {name: (returned dict, gradients each step, what it printed, out_dir)}."""
+    data_dir, _ = demo_data
+    tmp = tmp_path_factory.mktemp("compiled")
+    common = dict(dtype="bfloat16", max_iters=4, eval_interval=2, warmup_iters=1, lr_decay_iters=4)
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp, deterministic():
+        mp.setattr(train_script, "PEAK_FLOPS", {"cpu": 1e6})  # a made-up peak: the progress bar shows MFU
+        for name, compile_, overrides, explicit in (
+                ("eager", False, {}, {"compile"}),
+                ("compiled", True, {}, {"compile"}),
+                ("stopped", True, dict(max_iters=2), {"compile"}),
+                ("stopped", True, dict(init_from="resume"), {"compile", "init_from", "max_iters"})):
+            grads, printed = [], io.StringIO()
+            mp.setattr(train_script, "make_optimizers", recording_optimizers(grads))
+            cfg = tiny_cfg(data_dir, tmp / name, compile=compile_, **{**common, **overrides})
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                out = train_script.train(cfg, explicit=explicit)
+            runs[name] = (out, grads, printed.getvalue(), tmp / name)
+    return runs
+
+
+@needs_cpp
+def test_compiled_bf16_training_agrees_with_eager(compiled_runs):
+    (_, eager_grads, eager_printed, eager_dir), (compiled, grads, printed, out_dir) = \
+        compiled_runs["eager"], compiled_runs["compiled"]
+    assert "as asked (--compile=True)" in printed and "--compile=True" not in eager_printed
+    # the same batches and the same first weights: the first gradients agree within bf16's precision
+    assert len(grads) == len(eager_grads) == 4
+    for a, b in zip(eager_grads[0], grads[0]):
+        assert ((a - b).norm() / a.norm()).item() < 0.03
+    rows, eager_rows = logged(out_dir), logged(eager_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in eager_rows] == [0, 1, 2, 3, 4]
+    for row, eager_row in zip(rows, eager_rows):
+        for key in ("loss", "train_loss", "val_loss"):
+            assert (key in row) == (key in eager_row)
+            if key in row:
+                assert row[key] == pytest.approx(eager_row[key], rel=1e-2)
+    # the checkpoint holds the uncompiled model's weights, under its own names (no "_orig_mod.")
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert ckpt["model"].keys() == GPT(TINY_MODEL).state_dict().keys()
+    assert same_weights(ckpt["model"], weights(compiled["model"]))
+    model_script.model_from_checkpoint(ckpt, "ckpt.pt")  # loads strictly
+    assert torch.load(out_dir / "best.pt", weights_only=True)["model"].keys() == ckpt["model"].keys()
+
+
+@needs_cpp
+def test_compiled_run_resumes_exactly(compiled_runs):
+    (straight, _, _, straight_dir), (resumed, _, printed, out_dir) = compiled_runs["compiled"], compiled_runs["stopped"]
+    assert "resuming from" in printed and "as asked (--compile=True)" in printed
+    assert same_weights(weights(straight["model"]), weights(resumed["model"]))
+    assert logged(out_dir) == logged(straight_dir)
+
+
+@needs_cpp
+def test_progress_bar_mfu_against_a_given_peak(compiled_runs):
+    _, _, printed, _ = compiled_runs["compiled"]
+    # the bar's last postfix: loss, lr, tok_s and, with a peak for this device, mfu = model FLOPs / peak
+    tok_s, mfu = re.findall(r"tok_s=([\d,]+), mfu=([\d.]+)%", printed)[-1]
+    tok_s = float(tok_s.replace(",", ""))
+    expected = GPT(TINY_MODEL).flops_per_token() * tok_s / 1e6  # the peak compiled_runs gave
+    assert float(mfu) / 100 == pytest.approx(expected, rel=0.5 / tok_s + 1e-3)  # tok_s is shown rounded
+
+
+def test_compiled_forward_and_loss_have_no_graph_break():
+    # fullgraph=True makes any graph break an error; the "eager" backend traces without compiling kernels
+    model = GPT(TINY_MODEL)
+    model.fused_loss = False  # as train.py compiles it
+    x, y = torch.randint(0, 50257, (2, 4, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)(x, y)
+    loss.backward()
+    assert math.isfinite(loss.item())
+
+
+def test_compile_on_a_cpu_only_when_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train_script.wants_compile(dict(compile=True), cuda, explicit=())
+    assert not train_script.wants_compile(dict(compile=True), cpu, explicit=())  # the default: eager, fastest
+    assert train_script.wants_compile(dict(compile=True), cpu, explicit={"compile"})  # --compile=True
+    assert not train_script.wants_compile(dict(compile=False), cuda, explicit={"compile"})
+    cfg = config.get_config(["--preset=cpu"], [config.system, config.model, config.train])
+    assert not train_script.wants_compile(cfg, cpu, explicit=set(config.parse_args(["--preset=cpu"], cfg)))
+
+
+def test_fp16_with_the_grad_scaler_on_a_cpu(demo_data, tmp_path, monkeypatch):
+    # what an fp16 GPU runs: autocast to float16, the loss scaled before backward, the gradients unscaled
+    # before clipping and the step; the optimizer must then see the float32 run's gradients
+    data_dir, _ = demo_data
+    scalers = []
+
+    class RecordedScaler(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scalers.append(self)
+    monkeypatch.setattr(torch.amp, "GradScaler", RecordedScaler)
+    grads = {}
+    for dtype in ("float32", "float16"):
+        grads[dtype] = []
+        monkeypatch.setattr(train_script, "make_optimizers", recording_optimizers(grads[dtype]))
+        train_script.train(tiny_cfg(data_dir, tmp_path / dtype, dtype=dtype, max_iters=3, eval_interval=3))
+    assert [s.is_enabled() for s in scalers] == [False, True]
+    for a, b in zip(grads["float32"][0], grads["float16"][0]):
+        assert ((a - b).norm() / a.norm()).item() < 0.01
+    rows = logged(tmp_path / "float16")
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r) and rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+
+@needs_cpp
+def test_bench_train_runs_the_gpu_branches_on_a_cpu(capsys):
+    import bench
+
+    # compiled, in bf16, with a peak FLOP/s: the rows, the sweep and MFU a GPU would print
+    with deterministic():  # as compiled_runs, so as to reuse its compiled graph
+        results = bench.bench_train(torch.device("cpu"), TINY_MODEL, dtype="bfloat16", compile=True, batch_size=4,
+                                    steps=1, sweep=(4,), peak_flops=1e9)
+    out = capsys.readouterr().out
+    assert any(name.startswith("train.py's path (torch.compile") for name in results["rates"]) and "compiled in" in out
+    assert all(r > 0 for r in results["rates"].values())
+    [(batch, rate, mfu)] = results["sweep"]
+    assert mfu == pytest.approx(GPT(TINY_MODEL).flops_per_token() * rate / 1e9)
+    assert re.search(rf"batch 4 x 16: {rate:,.0f} tokens/s, MFU {100 * mfu:.1f}% of 0.001 TFLOP/s", out)
+
+
+def test_bench_sample_times_sample_py_beside_the_bare_loop(capsys):
+    import bench
+
+    # past the context of 16, so the window jumps; the commands (new processes) are left to the benchmark itself
+    ms = bench.bench_sample(torch.device("cpu"), TINY_MODEL, n_long=20, n_short=8, repeats=1, commands=False)
+    out = capsys.readouterr().out
+    assert set(ms) == {"bare", "sample", "nanogpt"}
+    for row in ("bare decoding loop", "sample.py's path", "nanoGPT-style sampler", "a window jump", "batch 8",
+                "floor"):
+        assert row in out
+
+
+# -----------------------------------------------------------------------------
 # README's table of mistakes, each row run as a user would
 
 
@@ -1030,7 +1263,7 @@ def test_every_row_of_the_readme_table(demo_data, trained, tmp_path):
     assert sorted(readme_table_rows()) == sorted([*rows, *own_tests])
     before = tree_state(tmp_path), tree_state(data_dir)
     runs = [(row, *r) for row, checks in rows.items() for r in checks]
-    env = {**OFFLINE_ENV, "OMP_NUM_THREADS": "1"}  # many small runs at once
+    env = OFFLINE_ENV  # (one thread each: many small runs at once)
 
     def check(row, script, args, message, code):
         r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path, env=env,
@@ -1229,3 +1462,61 @@ def test_export_replaces_its_own_export_whole(trained, tmp_path):
     assert r.returncode == 1 and last.startswith("error: File too large") and "as it was" in last, r.stderr[-1000:]
     assert "Traceback" not in r.stderr
     assert tree_state(folder) == second and os.listdir(tmp_path) == ["hf"]
+
+
+# -----------------------------------------------------------------------------
+# bench.py quality: the count baselines and the seed's schedule
+
+
+def test_count_baselines_equal_a_hand_computation():
+    import bench
+    from collections import Counter
+
+    corpus = np.array([0, 1, 2, 0, 1, 3, 1, 2, 4, 0, 1, 2, 2, 3])
+    V, D, lam, add = 6, 0.75, 0.9, 0.05  # token 5 never occurs
+    tri, bi, uni = Counter(zip(corpus, corpus[1:], corpus[2:])), Counter(zip(corpus, corpus[1:])), Counter(corpus)
+
+    def bigram(v, w):  # Jelinek-Mercer, as bench.bigram_nats documents it
+        unigram = (uni[w] + add) / (len(corpus) + add * V)
+        c_v = sum(n for (a, _), n in bi.items() if a == v)
+        return lam * bi[v, w] / c_v + (1 - lam) * unigram if c_v else unigram
+
+    def kneser_ney(u, v, w):  # Chen and Goodman's interpolated Kneser-Ney, written out
+        before_w = lambda x: len({a for (a, b) in bi if b == x})  # N(. x)
+        p1 = max(before_w(w) - D, 0) / len(bi) + D * len({b for (_, b) in bi}) / len(bi) / V
+        before_vw = lambda x, y: len({a for (a, b, c) in tri if (b, c) == (x, y)})  # N(. x y)
+        total2 = sum(before_vw(v, x) for x in range(V))
+        types2 = sum(before_vw(v, x) > 0 for x in range(V))
+        p2 = max(before_vw(v, w) - D, 0) / total2 + D * types2 / total2 * p1 if total2 else p1
+        total3 = sum(n for (a, b, _), n in tri.items() if (a, b) == (u, v))
+        types3 = sum(1 for (a, b, _) in tri if (a, b) == (u, v))
+        return max(tri[u, v, w] - D, 0) / total3 + D * types3 / total3 * p2 if total3 else p2
+
+    contexts = [(0, 1), (1, 2), (2, 2), (4, 5), (5, 5), (3, 1)]  # seen, seen, seen once, unseen, unseen, ...
+    u, v = (np.array([c[i] for c in contexts for _ in range(V)]) for i in (0, 1))
+    w = np.array([x for _ in contexts for x in range(V)])
+    got_kn = np.exp(-bench.kneser_ney_nats(corpus, u, v, w, V, discount=D)).reshape(len(contexts), V)
+    got_bi = np.exp(-bench.bigram_nats(corpus, v, w, V, lam=lam, add=add)).reshape(len(contexts), V)
+    for i, (cu, cv) in enumerate(contexts):
+        assert got_kn[i] == pytest.approx([kneser_ney(cu, cv, x) for x in range(V)], rel=1e-12)
+        assert got_bi[i] == pytest.approx([bigram(cv, x) for x in range(V)], rel=1e-12)
+    assert got_kn.sum(1) == pytest.approx(1.0, rel=1e-12) and got_bi.sum(1) == pytest.approx(1.0, rel=1e-12)
+    assert (got_kn > 0).all()  # even the token never seen
+
+
+def test_the_seed_schedule_is_pytorchs():
+    import bench
+
+    cfg = dict(learning_rate=1e-4, max_iters=200)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"])
+    warmup = 10  # 5% of max_iters
+    scheduler = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / 3, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["max_iters"] - warmup, eta_min=5e-4)],
+        milestones=[warmup])
+    for step in range(cfg["max_iters"]):
+        assert bench.seed_lr(step, cfg) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9), step
+        opt.step()
+        scheduler.step()
+    assert bench.seed_lr(cfg["max_iters"] - 1, cfg) > 4.9e-4  # the seed's LR rises to its "minimum"

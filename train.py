@@ -110,14 +110,79 @@ def schedule_lengths(cfg):
     return warmup, max(decay, warmup + 1)
 
 
-def make_optimizer(model, cfg, device):
-    # Decay the matrices (weights and embeddings) only: shrinking norms' gains or biases towards zero
-    # is a constraint with no regularising benefit.
+def make_optimizers(model, cfg, device):
+    """The optimizers of one training step: AdamW, and Muon unless --optimizer=adamw."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
-              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                             fused=device.type in ("cuda", "cpu"))
+    # Muon for the blocks' weight matrices; AdamW for what is not a linear map of the hidden state (the
+    # embeddings, the head tied to one of them) and for the 1-D gains and biases
+    matrices = [p for p in model.h.parameters() if p.dim() == 2] if cfg["optimizer"] == "muon" else []
+    rest = [p for p in params if all(p is not m for m in matrices)]
+    # decay matrices and embeddings only: shrinking norms' gains or biases towards zero is a constraint
+    # with no regularising benefit
+    groups = [dict(params=[p for p in rest if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
+              dict(params=[p for p in rest if p.dim() < 2], weight_decay=0.0)]
+    optimizers = [torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                                    fused=device.type in ("cuda", "cpu"))]
+    if matrices:
+        optimizers.append(Muon(matrices, lr=cfg["muon_lr"]))
+    return optimizers
+
+
+def set_lr(optimizers, step, cfg):
+    """The LR of every group at this step: Muon's peak muon_lr and the others' learning_rate, both scaled by the
+    schedule get_lr draws for learning_rate. From cfg, not the optimizer's state: a resumed run may change them."""
+    scale = get_lr(step, cfg) / cfg["learning_rate"]
+    for optimizer in optimizers:
+        peak = cfg["muon_lr"] if isinstance(optimizer, Muon) else cfg["learning_rate"]
+        for group in optimizer.param_groups:
+            group["lr"] = peak * scale
+
+
+class Muon(torch.optim.Optimizer):
+    """
+    Muon (Keller Jordan, 2024, https://kellerjordan.github.io/posts/muon/), as in modded-nanogpt and nanochat:
+    SGD with Nesterov momentum whose update of each weight matrix is replaced by the nearest semi-orthogonal
+    matrix (U V^T, for the update's SVD U S V^T). Every direction of the matrix then moves at the same rate,
+    where the raw gradient is dominated by a few. Only for the 2-D weights inside the blocks.
+    """
+
+    def __init__(self, params, lr, momentum=0.95):
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"])  # Nesterov: the momentum one step ahead
+                rows, cols = p.shape
+                if rows == 3 * cols:  # c_attn holds the query, key and value maps: three matrices
+                    update = orthogonalize(update.view(3, cols, cols)).view_as(p)
+                else:  # a tall matrix's orthogonal update has smaller entries: scale it back up
+                    update = orthogonalize(update) * max(1, rows / cols) ** 0.5
+                p.add_(update, alpha=-group["lr"])
+
+
+def orthogonalize(G, steps=5):
+    """
+    About U V^T for G = U S V^T (also for a batch of matrices): the quintic Newton-Schulz iteration of
+    modded-nanogpt, whose coefficients push every singular value into roughly [0.7, 1.2] in five steps, which
+    is as good as exact for an update and far cheaper than an SVD.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    wide = G.size(-2) <= G.size(-1)
+    X = G if wide else G.mT  # iterate on the small Gram matrix X X^T
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # every singular value <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.mT
 
 
 @torch.no_grad()
@@ -317,8 +382,8 @@ def duration(seconds):
 
 
 def wants_compile(cfg, device, explicit):
-    """torch.compile by default on CUDA only. On a CPU the eager step with the fused loss is the faster one
-    (bench.py train) and compiling takes a minute, so there it compiles only when asked: --compile=True."""
+    """torch.compile by default on CUDA only. On a CPU the eager step with the fused loss is as fast (bench.py
+    train) and starts at once, where compiling takes a minute, so there it compiles only when asked: --compile=True."""
     return cfg["compile"] and (device.type == "cuda" or "compile" in explicit)
 
 
@@ -327,7 +392,7 @@ def wants_compile(cfg, device, explicit):
 PEAK_FLOPS = {"cuda": 989e12}
 
 
-def train_step(model, optimizer, scaler, data, generator, grad_accum, cfg, ctx, device):
+def train_step(model, optimizers, scaler, data, generator, grad_accum, cfg, ctx, device):
     """One optimizer step over grad_accum micro-batches; returns the last micro-batch's loss."""
     for micro in range(grad_accum):
         x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], generator, device)
@@ -339,11 +404,13 @@ def train_step(model, optimizer, scaler, data, generator, grad_accum, cfg, ctx, 
             # gradients the mean over the whole step, as one big batch would give
             scaler.scale(loss / grad_accum).backward()
     if cfg["grad_clip"] > 0:
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-    scaler.step(optimizer)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     return loss
 
 
@@ -419,12 +486,17 @@ def train(cfg, explicit=()):
         if master:
             print(cpu_note(model, cfg, tokens_per_iter, explicit))
 
-    optimizer = make_optimizer(model, cfg, device)
+    optimizers = make_optimizers(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
     generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
     start_step, best_val = 0, float("inf")
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            for optimizer, state in zip(optimizers, ckpt["optimizer"], strict=True):
+                optimizer.load_state_dict(state)
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{ckpt_path}: its optimizer state does not fit --optimizer={cfg['optimizer']} or this "
+                            f"version of train.py; start from scratch")
         start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
         set_rng_state(ckpt["rng"])
         generator.set_state(ckpt["batch_rng"][rank])
@@ -435,7 +507,7 @@ def train(cfg, explicit=()):
     if compiling:
         if master and device.type != "cuda":
             print(f"compiling the model for {device.type}, as asked (--compile=True): the first step waits a minute "
-                  f"or so for the C++ compiler, and the steps use the plain loss (bench.py train compares)")
+                  f"or so for the compiler, and the steps use the plain loss (bench.py train compares)")
         model = torch.compile(model, dynamic=False)  # the shapes never change: one graph, never recompiled
     if world > 1:
         model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
@@ -447,7 +519,7 @@ def train(cfg, explicit=()):
             states = [None] * world
             dist.all_gather_object(states, generator.get_state())
         if master:
-            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=[o.state_dict() for o in optimizers],
                                             step=step, best_val_loss=best_val, config=cfg, rng=rng_state(),
                                             batch_rng=states))
 
@@ -493,10 +565,9 @@ def train(cfg, explicit=()):
                 sys.exit(128 + stop.signal)  # the shell's convention for "ended by this signal"
 
             lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizers, step, cfg)
             step_start = time.time()
-            loss = train_step(model, optimizer, scaler, bins["train"], generator, grad_accum, cfg, ctx, device)
+            loss = train_step(model, optimizers, scaler, bins["train"], generator, grad_accum, cfg, ctx, device)
             bar.update(1)
 
             if step % cfg["log_interval"] == 0 and master:
