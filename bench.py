@@ -569,36 +569,32 @@ def counts_of(keys, counts, queries):
     return np.where(keys[i] == queries, counts[i], 0)
 
 
-# The budget of every training row: the compute of the previous --preset=cpu (600 steps of 16 x 64 tokens of a
-# 4-layer, 128-wide model), which took 10 minutes on the slower 2-core machines this project is tested on.
-OLD_PRESET = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=16",
-              "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_interval=200", "--eval_iters=10", "--optimizer=adamw"]
+# -- the training rows. A row is train.py's own flags (what a user would type), trained on the budget and then
+# scored by `train.py --eval_only=True` on the whole validation split. Changes that train.py does not keep (they
+# did not win) are patched in for their row by the functions below, each a few lines.
 
 
 def seed_recipe():
-    """
-    The seed notebook's optimisation, patched into train.py for its row (train.py itself rejects a min_lr above
-    learning_rate): AdamW with eps 1e-9 and weight decay 0.1 on every parameter, exact (erf) GELU, and PyTorch's
-    LinearLR warmup from 1/3 of the LR over the first 5% of steps, then CosineAnnealingLR from the LR (1e-4)
-    towards eta_min 5e-4 (above it: the LR rises) over the rest. Its flags (SEED_FLAGS) set the others.
-    """
+    """The seed notebook's optimisation: AdamW with eps 1e-9 and weight decay 0.1 on every parameter, exact (erf)
+    GELU, and its schedule (seed_lr). Its flags (SEED) set the rest: dropout, biases, clipping, LR 1e-4."""
     import torch
     import torch.nn.functional as F
 
     import model
     import train
 
-    def make_optimizers(m, cfg, device):
-        return [torch.optim.AdamW(m.parameters(), lr=cfg["learning_rate"],
-                                  betas=(0.9, 0.95), eps=1e-9, weight_decay=0.1)]
-
-    train.make_optimizers = make_optimizers
+    train.make_optimizers = lambda m, cfg, device: [torch.optim.AdamW(
+        m.parameters(), lr=cfg["learning_rate"], betas=(0.9, 0.95), eps=1e-9, weight_decay=0.1)]
     train.get_lr = seed_lr
     model.MLP.forward = lambda self, x: self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
 def seed_lr(step, cfg, eta_min=5e-4):
-    """The seed's LinearLR + CosineAnnealingLR schedule, in closed form (test_all.py checks it against PyTorch's)."""
+    """
+    The seed's PyTorch LinearLR (from 1/3 of the LR) over the first 5% of steps, then CosineAnnealingLR from the
+    LR towards eta_min over the rest, in closed form (test_all.py checks it against PyTorch's schedulers). The
+    seed's eta_min is above its LR of 1e-4, so its LR rises; train.py would refuse such a min_lr, hence the patch.
+    """
     warmup = max(1, round(0.05 * cfg["max_iters"]))
     if step < warmup:
         return cfg["learning_rate"] * (1 / 3 + (2 / 3) * step / warmup)
@@ -606,19 +602,116 @@ def seed_lr(step, cfg, eta_min=5e-4):
     return eta_min + (cfg["learning_rate"] - eta_min) * (1 + math.cos(math.pi * progress)) / 2
 
 
-# The budget of each training row: the compute of the previous --preset=cpu (600 steps of 16 x 64 tokens on
-# a 4-layer, 128-wide model), which took 10 minutes on the slower 2-core machines this project is tested on.
-# A row of another shape or batch trains for as many steps as the same FLOPs buy.
-OLD_PRESET = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=16",
-              "--learning_rate=3e-3", "--min_lr=3e-4", "--eval_interval=200", "--eval_iters=10", "--optimizer=adamw"]
-BUDGET_STEPS = 600
-SEED_FLAGS = [*OLD_PRESET[:5], "--eval_interval=200", "--eval_iters=10", "--learning_rate=1e-4", "--min_lr=1e-4",
-              "--dropout=0.1", "--bias=True", "--grad_clip=0.5"]
+def untied_head():
+    """The head as a matrix of its own (GPT-2 ties it to the token embedding), trained with the same AdamW."""
+    import torch
 
-# name -> (what it is, train.py's flags, budget: 1 = 10 minutes on a slow machine, or a patch to apply first)
+    import model
+
+    init = model.GPT.__init__
+
+    def untied(self, config):
+        init(self, config)
+        self.lm_head.weight = torch.nn.Parameter(torch.randn_like(self.wte.weight) * 0.02)
+    model.GPT.__init__ = untied
+
+
+def zero_init_projections():
+    """The blocks' output projections start at zero (modded-nanogpt): every block starts as the identity."""
+    import torch
+
+    import model
+
+    init = model.GPT.init_weights
+
+    def zeroed(self):
+        init(self)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.zeros_(p)
+    model.GPT.init_weights = zeroed
+
+
+def muon_momentum_warmup():
+    """Muon's momentum from 0.85 to 0.95 over the first 300 steps (modded-nanogpt)."""
+    import train
+
+    set_lr = train.set_lr
+
+    def with_momentum(optimizers, step, cfg):
+        set_lr(optimizers, step, cfg)
+        for group in (g for o in optimizers if isinstance(o, train.Muon) for g in o.param_groups):
+            group["momentum"] = 0.85 + 0.10 * min(step / 300, 1)
+    train.set_lr = with_momentum
+
+
+def warmup_stable_decay():
+    """Warmup, then the peak LR held until the last 20% of steps, which decay linearly to zero (nanochat)."""
+    import train
+
+    def wsd(step, cfg):
+        warmup, _ = train.schedule_lengths(cfg)
+        decay = cfg["max_iters"] - round(0.2 * cfg["max_iters"])
+        if step < warmup:
+            return cfg["learning_rate"] * (step + 1) / (warmup + 1)
+        return cfg["learning_rate"] * min(1.0, (cfg["max_iters"] - step) / (cfg["max_iters"] - decay))
+    train.get_lr = wsd
+
+
+# The budget of a row: the compute of the previous --preset=cpu, 600 steps of 16 x 64 tokens of a 4-layer,
+# 128-wide model, which took 10 minutes on the slower 2-core machines of this kind (about 1,000 tokens/s). A row
+# of another shape or batch trains for as many steps as the same FLOPs buy; its wall time is measured as well.
+OLD_PRESET = ["--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64", "--batch_size=16", "--optimizer=adamw",
+              "--learning_rate=3e-3", "--min_lr=3e-4", "--weight_decay=0.1", "--eval_interval=200", "--eval_iters=10"]
+BUDGET_STEPS = 600
+SEED = [*OLD_PRESET[:5], "--learning_rate=1e-4", "--min_lr=1e-4", "--dropout=0.1", "--bias=True", "--grad_clip=0.5",
+        "--eval_interval=200", "--eval_iters=10"]
+PRESET = ["--preset=cpu"]
+
+
+def preset_with(*flags):
+    """The --preset=cpu recipe with one change (later flags win)."""
+    return [*PRESET, *flags]
+
+
+# name -> (what it is, flags, budget in units of 10 slow minutes (None: the preset's own steps), patch or None)
 QUALITY_ROWS = {
-    "seed": ("the seed notebook's recipe (AdamW 1e-4 rising to 5e-4, dropout 0.1, biases, erf GELU)", SEED_FLAGS, 1),
-    "old-preset": ("the previous --preset=cpu (AdamW 3e-3, cosine to 3e-4)", OLD_PRESET, 1),
+    "seed": ("the seed notebook's recipe: AdamW 1e-4 rising to 5e-4, dropout 0.1, biases, erf GELU, clip 0.5",
+             SEED, 1, seed_recipe),
+    "old-preset": ("the previous --preset=cpu: AdamW 3e-3, cosine to 3e-4, weight decay 0.1", OLD_PRESET, 1, None),
+    # from the previous preset to the new one, one change at a time
+    "+muon": ("old-preset, and Muon (LR 0.02) for the blocks' matrices", [*OLD_PRESET, "--optimizer=muon"], 1, None),
+    "+adamw-lr": ("+muon, and AdamW's LR (embeddings, gains) 3e-3 -> 0.04",
+                  [*OLD_PRESET, "--optimizer=muon", "--learning_rate=0.04", "--min_lr=0.004"], 1, None),
+    "+no-decay": ("+adamw-lr, and weight decay 0.1 -> 0",
+                  [*OLD_PRESET, "--optimizer=muon", "--learning_rate=0.04", "--min_lr=0.004", "--weight_decay=0.0"],
+                  1, None),
+    "+width-96": ("+no-decay, and 96 wide, not 128 (more steps for the budget)", preset_with("--batch_size=16"), 1, None),
+    "preset": ("the new --preset=cpu: +width-96, and batches of 32, not 16", PRESET, None, None),
+    # the new preset with one change: tried, not adopted
+    "adamw-only": ("preset, AdamW for every parameter", preset_with("--optimizer=adamw"), 1, None),
+    "muon-lr-0.01": ("preset, Muon's LR 0.02 -> 0.01", preset_with("--muon_lr=0.01"), 1, None),
+    "muon-lr-0.04": ("preset, Muon's LR 0.02 -> 0.04", preset_with("--muon_lr=0.04"), 1, None),
+    "adamw-lr-0.02": ("preset, AdamW's LR 0.04 -> 0.02", preset_with("--learning_rate=0.02", "--min_lr=0.002"), 1, None),
+    "adamw-lr-0.08": ("preset, AdamW's LR 0.04 -> 0.08", preset_with("--learning_rate=0.08", "--min_lr=0.008"), 1, None),
+    "decay-0.1": ("preset, weight decay 0 -> 0.1", preset_with("--weight_decay=0.1"), 1, None),
+    "to-zero": ("preset, the cosine down to 0, not to 10% of the peak", preset_with("--min_lr=0.0"), 1, None),
+    "wsd": ("preset, warmup-stable-decay (linear to 0 over the last 20%) instead of the cosine", PRESET, 1,
+            warmup_stable_decay),
+    "untied": ("preset, the head a matrix of its own, not the token embedding", PRESET, 1, untied_head),
+    "zero-proj": ("preset, the blocks' output projections initialised to zero", PRESET, 1, zero_init_projections),
+    "momentum-warmup": ("preset, Muon's momentum 0.85 -> 0.95 over 300 steps", PRESET, 1, muon_momentum_warmup),
+    "batch-64": ("preset, batches of 64, not 32 (half the steps)", preset_with("--batch_size=64"), 1, None),
+    "context-128": ("preset, context 128 in batches of 16 (the same tokens a step)",
+                    preset_with("--block_size=128", "--batch_size=16"), 1, None),
+    "width-64": ("preset, 64 wide", preset_with("--n_embd=64"), 1, None),
+    "width-128": ("preset, 128 wide", preset_with("--n_embd=128"), 1, None),
+    "depth-8": ("preset, 8 layers, not 4", preset_with("--n_layer=8"), 1, None),
+    # the longer budget: about 30 minutes on a slow machine
+    "seed-long": ("the seed's recipe, 3x the budget", SEED, 3, seed_recipe),
+    "old-preset-long": ("the previous --preset=cpu, 3x the budget", OLD_PRESET, 3, None),
+    "preset-long": ("the new --preset=cpu_long: the preset's recipe for 3x the steps", ["--preset=cpu_long"], None,
+                    None),
 }
 DEFAULT_ROWS = ["bigram", "trigram", "seed", "old-preset", "preset", "preset-long"]
 
@@ -636,22 +729,36 @@ def flops_per_step(flags):
     return m.flops_per_token() * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
 
 
-def train_row(name, flags, budget, data_dir, tmp):
-    """Train one row as a user would (python train.py ...), then score it with --eval_only on the whole
-    validation split; returns (tokens, steps, seconds, nats/token, bits/byte)."""
-    if not any(f.startswith(("--preset=", "--max_iters=")) for f in flags):  # as many steps as the budget buys
+# A row's child process: the patch, if any, then train.py's main() twice, to train and to score (both in this
+# process, so a patched model is scored as it was trained). It prints the training's wall time.
+ROW = """
+import sys, time
+sys.path.insert(0, {here!r})
+import bench, train
+{patch}
+start = time.time()
+train.main({train_args!r})
+print("TRAINED IN", time.time() - start)
+train.main({eval_args!r})
+"""
+
+
+def train_row(name, data_dir, tmp):
+    """One row, trained and scored as a user would; returns (tokens, steps, seconds, nats/token, bits/byte)."""
+    what, flags, budget, patch = QUALITY_ROWS[name]
+    if budget is not None:  # as many steps as the budget buys; a preset's own row keeps the preset's steps
         flags = [*flags, f"--max_iters={round(budget * BUDGET_STEPS * flops_per_step(OLD_PRESET) / flops_per_step(flags))}"]
     out = os.path.join(tmp, name)
-    patch = "import bench; bench.seed_recipe(); " if name.startswith("seed") else ""
-    code = f"import sys; sys.path.insert(0, {HERE!r}); {patch}import train; train.main(sys.argv[1:])"
-    start = time.time()
-    subprocess.run([sys.executable, "-c", code, *flags, "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={out}"],
-                   check=True, capture_output=True, text=True)
-    seconds = time.time() - start
-    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={out}", "--init_from=resume",
-                        "--eval_only=True"], check=True, capture_output=True, text=True)
-    last = r.stdout.strip().splitlines()[-1]  # validation (...): loss X nats/token | perplexity Y | Z bits/byte
-    nats, bpb = float(last.split("loss ")[1].split()[0]), float(last.split("| ")[-1].split()[0])
+    code = ROW.format(here=HERE, patch=f"bench.{patch.__name__}()" if patch else "",
+                      train_args=[*flags, "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={out}"],
+                      eval_args=[f"--out_dir={out}", "--init_from=resume", "--eval_only=True"])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"error: row {name} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    lines = r.stdout.strip().splitlines()
+    seconds = float(next(line for line in lines if line.startswith("TRAINED IN")).split()[-1])
+    # validation (...): loss X nats/token | perplexity Y | Z bits/byte
+    nats, bpb = float(lines[-1].split("loss ")[1].split()[0]), float(lines[-1].split("| ")[-1].split()[0])
     ckpt = torch_load(os.path.join(out, "ckpt.pt"))
     cfg = ckpt["config"]
     tokens = ckpt["step"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
@@ -704,8 +811,8 @@ def bench_quality(data, rows):
             if name in counts:
                 what, tokens, steps, seconds, nats, bpb = counts[name]
             else:
-                what, flags, budget = QUALITY_ROWS[name]
-                tokens, steps, seconds, nats, bpb = train_row(name, flags, budget, data_dir, tmp)
+                what = QUALITY_ROWS[name][0]
+                tokens, steps, seconds, nats, bpb = train_row(name, data_dir, tmp)
             wall = f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
             print(f"| {name} | {what} | {tokens / 1e6:.2f}M | {steps} | {wall} | {nats:.3f} | {bpb:.3f} |", flush=True)
 

@@ -119,7 +119,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, targets, chunk_rows, with_grad):
         n = x.size(0)
-        dx, dw = torch.empty_like(x), torch.zeros_like(w)
+        dx, dw = torch.empty_like(x), torch.empty_like(w)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         buf = x.new_empty(min(chunk_rows, n), w.size(0))  # one chunk's logits, reused: no big allocations
         for i in range(0, n, chunk_rows):
@@ -129,12 +129,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             top = logits.amax(dim=1, keepdim=True)
             total = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(logit - max)
             loss += (top + total.log() - target_logit).sum()
-            if with_grad:  # d loss / d logits = (softmax - onehot(target)) / n
-                grad = logits.div_(total)
-                grad[torch.arange(len(tc)), tc] -= 1.0
-                grad.div_(n)
+            if with_grad:  # d loss / d logits = (softmax - onehot(target)) / n, in one pass over the logits
+                grad = logits.mul_((total * n).reciprocal_())
+                grad[torch.arange(len(tc)), tc] -= 1.0 / n
                 torch.mm(grad, w, out=dx[i:i + chunk_rows])
-                dw.addmm_(grad.t(), xc)
+                if i == 0:
+                    torch.mm(grad.t(), xc, out=dw)
+                else:
+                    dw.addmm_(grad.t(), xc)
         ctx.save_for_backward(dx, dw)
         return loss / n
 
@@ -190,7 +192,7 @@ class GPT(nn.Module):
         B, T = idx.size()
         x = self.hidden(idx, cache)
         if targets is not None and self.fused_loss:
-            loss = FusedLinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 256,
+            loss = FusedLinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 128,
                                                  torch.is_grad_enabled())
             return None, loss
         logits = self.lm_head(x)
