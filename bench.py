@@ -820,7 +820,7 @@ def bench_quality(data, rows):
 if __name__ == "__main__":
     sections = [a for a in sys.argv[1:] if not a.startswith("--")] or ["prepare", "train", "sample"]
     data = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--data=")),
-                os.path.join(HERE, "..", "shared", "data"))
+                os.path.normpath(os.path.join(HERE, "..", "shared", "data")))
     rows = next((a.split("=", 1)[1].split(",") for a in sys.argv[1:] if a.startswith("--rows=")), DEFAULT_ROWS)
     if rows == ["all"]:
         rows = ["bigram", "trigram", *QUALITY_ROWS]
