@@ -649,12 +649,13 @@ def warmup_stable_decay():
     """Warmup, then the peak LR held until the last 20% of steps, which decay linearly to zero (nanochat)."""
     import train
 
+    cosine = train.get_lr  # its warmup is train.py's own
+
     def wsd(step, cfg):
         warmup, _ = train.schedule_lengths(cfg)
-        decay = cfg["max_iters"] - round(0.2 * cfg["max_iters"])
         if step < warmup:
-            return cfg["learning_rate"] * (step + 1) / (warmup + 1)
-        return cfg["learning_rate"] * min(1.0, (cfg["max_iters"] - step) / (cfg["max_iters"] - decay))
+            return cosine(step, cfg)
+        return cfg["learning_rate"] * min(1.0, (cfg["max_iters"] - step) / round(0.2 * cfg["max_iters"]))
     train.get_lr = wsd
 
 
@@ -667,6 +668,7 @@ BUDGET_STEPS = 600
 SEED = [*OLD_PRESET[:5], "--learning_rate=1e-4", "--min_lr=1e-4", "--dropout=0.1", "--bias=True", "--grad_clip=0.5",
         "--eval_interval=200", "--eval_iters=10"]
 PRESET = ["--preset=cpu"]
+MUON_AND_ADAMW_LR = [*OLD_PRESET, "--optimizer=muon", "--learning_rate=0.04", "--min_lr=0.004"]
 
 
 def preset_with(*flags):
@@ -681,11 +683,8 @@ QUALITY_ROWS = {
     "old-preset": ("the previous --preset=cpu: AdamW 3e-3, cosine to 3e-4, weight decay 0.1", OLD_PRESET, 1, None),
     # from the previous preset to the new one, one change at a time
     "+muon": ("old-preset, and Muon (LR 0.02) for the blocks' matrices", [*OLD_PRESET, "--optimizer=muon"], 1, None),
-    "+adamw-lr": ("+muon, and AdamW's LR (embeddings, gains) 3e-3 -> 0.04",
-                  [*OLD_PRESET, "--optimizer=muon", "--learning_rate=0.04", "--min_lr=0.004"], 1, None),
-    "+no-decay": ("+adamw-lr, and weight decay 0.1 -> 0",
-                  [*OLD_PRESET, "--optimizer=muon", "--learning_rate=0.04", "--min_lr=0.004", "--weight_decay=0.0"],
-                  1, None),
+    "+adamw-lr": ("+muon, and AdamW's LR (embeddings, gains) 3e-3 -> 0.04", MUON_AND_ADAMW_LR, 1, None),
+    "+no-decay": ("+adamw-lr, and weight decay 0.1 -> 0", [*MUON_AND_ADAMW_LR, "--weight_decay=0.0"], 1, None),
     "+width-96": ("+no-decay, and 96 wide, not 128 (more steps for the budget)", preset_with("--batch_size=16"), 1, None),
     "preset": ("the new --preset=cpu: +width-96, and batches of 32, not 16", PRESET, None, None),
     # the new preset with one change: tried, not adopted
