@@ -12,32 +12,36 @@ import re
 import sys
 
 # Each group is the set of keys one part of the project reads; `config` below merges them.
-data = dict(
+DATA = dict(
     dataset="roneneldan/TinyStories",  # Hugging Face name, or a local .txt/.txt.gz/.jsonl/.json/.parquet file or dir
     val_fraction=0.05,  # a single local file: every round(1/val_fraction)-th story goes to validation
+    vocab_size=8192,  # GPT-2's most used tokens in the train text (tokenizer.py); 50257 keeps all of GPT-2's
     force=False,  # prepare.py: rebuild the bins even if they are up to date
 )
-paths = dict(
+PATHS = dict(
     data_dir="data",  # train.bin, validation.bin, meta.json
     out_dir="out",  # checkpoints, log, loss curve
     checkpoint="ckpt.pt",  # what sample.py and --eval_only read from out_dir: ckpt.pt (latest) or best.pt
 )
-system = dict(
+SYSTEM = dict(
     device="auto",  # auto picks cuda, then mps, then cpu
     dtype="auto",  # auto: bfloat16 on CUDA (float16 + grad scaler on old GPUs), float32 elsewhere
     compile=True,  # torch.compile on CUDA; on a CPU only if --compile=True is given (eager is faster there)
     seed=1337,
 )
-model = dict(
+MODEL = dict(
     n_layer=6,
     n_head=6,
     n_embd=384,
     block_size=128,  # context length in tokens
-    vocab_size=50257,  # GPT-2 BPE; model.py pads the embedding to 50304 (a multiple of 64) for speed
     dropout=0.0,
     bias=False,  # biases in Linear and LayerNorm: no gain for small models, a little slower
+    activation="gelu",  # EXPERIMENT
+    qk_norm=False,  # EXPERIMENT
+    softcap=0.0,  # EXPERIMENT
+    value_embed=False,  # EXPERIMENT
 )
-train = dict(
+TRAINING = dict(
     init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     eval_only=False,  # with init_from=resume: score ckpt.pt on the whole validation split and exit
     batch_size=64,  # micro-batch size, sequences of block_size tokens
@@ -47,8 +51,10 @@ train = dict(
     # model on a GPU they are carried over, not yet measured: AdamW's LR is halved for a 4x wider embedding.
     optimizer="muon",  # muon: Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW for everything
     learning_rate=0.02,  # AdamW's peak LR, after warmup
-    min_lr=0.002,  # AdamW's LR at the end of the cosine; Muon's LR ends as much below its peak
+    min_lr=0.002,  # AdamW's LR at the end of the cosine (above learning_rate, the cosine rises); Muon's ends at the same fraction of its peak
     muon_lr=0.02,  # Muon's peak LR, for the blocks' weight matrices; it follows the same schedule
+    momentum_warmup=300,  # EXPERIMENT
+    polar_express=False,  # EXPERIMENT
     warmup_iters=-1,  # -1: 2% of max_iters
     lr_decay_iters=-1,  # -1: max_iters
     weight_decay=0.1,  # AdamW's, on its matrices and embeddings only (never norms, biases, or Muon's matrices)
@@ -59,7 +65,7 @@ train = dict(
     eval_iters=50,  # batches per split for each evaluation
     log_interval=10,  # steps between progress-bar updates (each costs a GPU sync)
 )
-sample = dict(
+SAMPLING = dict(
     start="",  # prompt text, or FILE:path; empty starts a fresh story (from EOT)
     num_samples=3,
     max_new_tokens=256,
@@ -68,10 +74,10 @@ sample = dict(
     top_p=0.95,  # keep the smallest set with this much probability; 1.0 keeps all
     stop_at_eot=True,  # end a story at the end-of-text token
 )
-export = dict(
+EXPORT = dict(
     export_dir="",  # where export.py writes the transformers folder; empty means {out_dir}/hf
 )
-config = {**data, **paths, **system, **model, **train, **sample, **export, "preset": ""}
+config = {**DATA, **PATHS, **SYSTEM, **MODEL, **TRAINING, **SAMPLING, **EXPORT, "preset": ""}
 
 # Named overrides, applied before any other flag: `--preset=cpu`.
 presets = dict(
@@ -112,9 +118,15 @@ rules = dict(
     n_head=(lambda v: v >= 1, "at least 1"),
     n_embd=(lambda v: v >= 1, "at least 1"),
     block_size=(lambda v: v >= 1, "at least 1"),
-    vocab_size=(lambda v: 1 <= v <= 2**16, "between 1 and 65536 (token ids are stored as uint16)"),
+    vocab_size=(lambda v: 257 <= v <= 50257, "between 257 (the 256 bytes and end-of-text) and 50257 (all of GPT-2's)"),
     dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
     bias=ANY,
+    activation=(lambda v: v in ("gelu", "relu2"), "gelu or relu2"),
+    qk_norm=ANY,
+    softcap=(lambda v: v >= 0, ">= 0"),
+    value_embed=ANY,
+    momentum_warmup=(lambda v: v >= 0, ">= 0"),
+    polar_express=ANY,
     init_from=(lambda v: v in ("scratch", "resume"), "scratch or resume"),
     eval_only=ANY,
     batch_size=(lambda v: v >= 1, "at least 1"),
@@ -146,7 +158,6 @@ rules = dict(
 # Settings that make sense alone but not together: (keys, test, what is wrong). Checked when a script reads all the keys.
 combinations = [
     (("n_embd", "n_head"), lambda c: c["n_embd"] % c["n_head"] == 0, "n_embd must be a multiple of n_head"),
-    (("min_lr", "learning_rate"), lambda c: c["min_lr"] <= c["learning_rate"], "min_lr must not exceed learning_rate"),
     (("warmup_iters", "lr_decay_iters"), lambda c: c["lr_decay_iters"] == -1 or c["lr_decay_iters"] > max(c["warmup_iters"], 0),
      "lr_decay_iters must come after warmup_iters"),
     (("eval_only", "init_from"), lambda c: not c["eval_only"] or c["init_from"] == "resume",
@@ -183,13 +194,14 @@ def parse_value(text):
 
 
 def get_config(argv, groups, script="this script"):
-    """Defaults of the keys in `groups` (the dicts above, or lists of key names), updated by parse_args and
-    checked by check_config: a script gets only values that make sense."""
+    """(settings, the keys the user chose): the defaults of the keys in `groups` (the dicts above, or lists of key
+    names), then a preset's values, then the flags (parse_args), all checked by check_config."""
     cfg = {k: config[k] for g in groups for k in g}
     cfg["preset"] = ""
-    cfg.update(parse_args(argv, cfg, script))
+    chosen = parse_args(argv, cfg, script)
+    cfg.update(chosen)
     check_config(cfg)
-    return cfg
+    return cfg, set(chosen)
 
 
 def parse_args(argv, cfg, script="this script"):
@@ -214,8 +226,11 @@ def parse_args(argv, cfg, script="this script"):
     preset = overrides.get("preset", "")
     if preset and preset not in presets:
         usage_error(f"--preset={preset!r}: must be {rules['preset'][1]}")
-    # a preset may set keys another script does not read
+    # a preset may set keys another script does not read; a flag given with it wins, and says so
     values = {k: v for k, v in presets.get(preset, {}).items() if k in cfg}
+    for k in values.keys() & overrides.keys():
+        if overrides[k] != values[k]:
+            print(f"note: --{k}={overrides[k]!r} replaces --preset={preset}'s {values[k]!r}", file=sys.stderr)
     return {k: check_type(k, v, config[k]) for k, v in {**values, **overrides}.items()}
 
 

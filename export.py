@@ -9,8 +9,9 @@ Export a trained model to a folder that Hugging Face transformers loads as GPT-2
     print(generate("Once upon a time", max_new_tokens=50)[0]["generated_text"])
 
 The model is GPT-2's architecture, so transformers' own GPT2LMHeadModel runs it unchanged. The folder holds
-config.json, model.safetensors, generation_config.json and GPT-2's tokenizer files (copied from the files
-tokenizer.py uses). test_all.py checks that transformers computes the same logits and greedy tokens as model.py.
+config.json, model.safetensors, generation_config.json and the tokenizer in GPT-2's format: GPT-2's vocab.json and
+merges.txt, restricted to the checkpoint's vocabulary and numbered as the model numbers it. test_all.py checks
+that transformers computes the same logits, greedy tokens and token ids as this project.
 """
 import json
 import os
@@ -21,9 +22,9 @@ import tempfile
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from config import UserError, export as export_keys, get_config, sample as sample_defaults
+from config import EXPORT, SAMPLING, UserError, get_config
 from model import load_checkpoint, model_from_checkpoint
-from tokenizer import EOT, read_packaged
+from tokenizer import gpt2_merges, read_packaged
 
 # Every file export() writes. A folder holding only these, with MARKER in its config.json, is an earlier export
 # that may be replaced; export.py never replaces anything else.
@@ -46,8 +47,6 @@ def gpt2_weights(model):
         if name.startswith(("transformer.h.", "transformer.ln_f.")) and name.endswith(".weight"):
             # GPT-2 has a bias in every Linear and LayerNorm: zeros compute what a model without them does
             out.setdefault(name[:-len("weight")] + "bias", torch.zeros(w.size(-1), dtype=w.dtype))
-    if model.lm_head.weight is not model.wte.weight:  # an untied head is a matrix of its own
-        out["lm_head.weight"] = sd["lm_head.weight"][:c.vocab_size]
     # safetensors wants every tensor contiguous and owning its storage (not a slice of a bigger one)
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
@@ -55,6 +54,7 @@ def gpt2_weights(model):
 def gpt2_config(model, provenance):
     """config.json: transformers' GPT2Config fields for this model."""
     c = model.config
+    eot = c.vocab_size - 1  # <|endoftext|> is the last id of every vocabulary
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -70,24 +70,24 @@ def gpt2_config(model, provenance):
         "embd_pdrop": c.dropout,
         "attn_pdrop": c.dropout,
         "scale_attn_weights": True,  # 1 / sqrt(head size), as scaled_dot_product_attention does
-        "bos_token_id": EOT,
-        "eos_token_id": EOT,
-        "tie_word_embeddings": model.lm_head.weight is model.wte.weight,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tie_word_embeddings": True,
         "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
         MARKER: provenance,  # says export.py wrote this folder, and from which checkpoint
     }
 
 
-def generation_config():
+def generation_config(eot):
     """sample.py's defaults, so transformers' generate() and pipeline() sample as sample.py does."""
     return {
-        "bos_token_id": EOT,
-        "eos_token_id": EOT,  # a story ends at the end-of-text token, as with sample.py's stop_at_eot
-        "pad_token_id": EOT,  # GPT-2 has no padding token; this also keeps generate() from warning about it
-        "do_sample": sample_defaults["temperature"] > 0,
-        "temperature": sample_defaults["temperature"],
-        "top_k": sample_defaults["top_k"],
-        "top_p": sample_defaults["top_p"],
+        "bos_token_id": eot,
+        "eos_token_id": eot,  # a story ends at the end-of-text token, as with sample.py's stop_at_eot
+        "pad_token_id": eot,  # GPT-2 has no padding token; this also keeps generate() from warning about it
+        "do_sample": SAMPLING["temperature"] > 0,
+        "temperature": SAMPLING["temperature"],
+        "top_k": SAMPLING["top_k"],
+        "top_p": SAMPLING["top_p"],
     }
 
 
@@ -103,6 +103,20 @@ def tokenizer_config(model):
         "add_bos_token": True,
         "model_max_length": model.config.block_size,
     }
+
+
+def tokenizer_files(vocab):
+    """vocab.json and merges.txt for the vocabulary (None: GPT-2's own files, as they are). GPT-2's encoder.json
+    is transformers' vocab.json and its vocab.bpe is merges.txt; a compact vocabulary keeps its tokens, numbered
+    as the model numbers them, and the merges that make them (each one's two parts are kept too)."""
+    encoder, merges = read_packaged("encoder.json"), read_packaged("vocab.bpe")
+    if vocab is None:
+        return encoder, merges
+    compact = {gpt2_id: i for i, gpt2_id in enumerate(vocab)}
+    names = {gpt2_id: name for name, gpt2_id in json.loads(encoder).items()}
+    encoder = json.dumps({names[t]: i for t, i in compact.items()}, ensure_ascii=False)
+    kept = [f"{names[left]} {names[right]}" for left, right, merged in gpt2_merges() if merged in compact]
+    return encoder, "\n".join(["#version: 0.2", *kept]) + "\n"
 
 
 def check_export_dir(path):
@@ -162,23 +176,23 @@ def write_folder(path, files):
             shutil.rmtree(tmp)
 
 
-def write_export(model, export_dir, provenance):
-    """Write the folder for `model`; returns how many weights it holds."""
+def write_export(model, vocab, export_dir, provenance):
+    """Write the folder for `model` and its vocabulary; returns how many weights it holds."""
     check_export_dir(export_dir)
     try:
-        # the same two files tokenizer.py builds its encoding from, checked against the same hashes
-        vocab, merges = read_packaged("encoder.json"), read_packaged("vocab.bpe")
+        # from the same two files tokenizer.py builds its encoding from, checked against the same hashes
+        encoder, merges = tokenizer_files(vocab)
     except (ImportError, ValueError) as e:
-        raise UserError(f"cannot copy GPT-2's tokenizer files: {e}")
+        raise UserError(f"cannot read GPT-2's tokenizer files: {e}")
     weights = gpt2_weights(model)
     as_json = lambda d: (json.dumps(d, indent=2) + "\n").encode()
     write_folder(export_dir, {
         "config.json": as_json(gpt2_config(model, provenance)),
-        "generation_config.json": as_json(generation_config()),
+        "generation_config.json": as_json(generation_config(model.config.vocab_size - 1)),
         "model.safetensors": safetensors_bytes(weights, metadata={"format": "pt"}),
         "tokenizer_config.json": as_json(tokenizer_config(model)),
-        "vocab.json": vocab,  # GPT-2's encoder.json is transformers' vocab.json,
-        "merges.txt": merges,  # and its vocab.bpe is merges.txt, byte for byte
+        "vocab.json": encoder.encode(),
+        "merges.txt": merges.encode(),
     })
     return sum(w.numel() for w in weights.values())
 
@@ -192,16 +206,15 @@ def export(cfg):
     path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
     export_dir = export_path(cfg)
     ckpt = load_checkpoint(path)
-    if ckpt["config"].get("vocab_size") != EOT + 1:
-        raise UserError(f"{path} has a {ckpt['config'].get('vocab_size')}-token vocabulary, not GPT-2's {EOT + 1}")
     model = model_from_checkpoint(ckpt, path)
-    n = write_export(model, export_dir, {"checkpoint": cfg["checkpoint"], "step": ckpt.get("step")})
-    print(f"wrote {export_dir}: GPT-2 for transformers, {n:,} weights from {path}")
+    n = write_export(model, ckpt["vocab"], export_dir, {"checkpoint": cfg["checkpoint"], "step": ckpt.get("step")})
+    print(f"wrote {export_dir}: GPT-2 for transformers, {n:,} weights and a {model.config.vocab_size:,}-token "
+          f"vocabulary from {path}")
     return export_dir
 
 
 def main(argv):
-    cfg = get_config(argv, [["out_dir", "checkpoint"], export_keys], "export.py")
+    cfg, _ = get_config(argv, [["out_dir", "checkpoint"], EXPORT], "export.py")
     try:
         export(cfg)
     except UserError as e:

@@ -1,7 +1,8 @@
 """
 A GPT-2 style decoder: token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and
 a GELU MLP, a final LayerNorm, and an output head tied to the token embedding. Generation uses a KV cache.
-At the end: loading a checkpoint and picking a device, which train.py, sample.py and export.py share.
+At the end: loading a checkpoint and picking a device, which train.py and sample.py share (export.py loads
+checkpoints with the same functions).
 """
 import math
 import os
@@ -18,12 +19,16 @@ from config import UserError
 @dataclass
 class GPTConfig:
     block_size: int = 128  # context length
-    vocab_size: int = 50257  # GPT-2 BPE; the embedding is padded beyond this, see padded_vocab_size
+    vocab_size: int = 8192  # from the data (prepare.py's meta.json); the embedding is padded, see padded_vocab_size
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm
+    activation: str = "gelu"  # EXPERIMENT: gelu or relu2
+    qk_norm: bool = False  # EXPERIMENT
+    softcap: float = 0.0  # EXPERIMENT: logits = softcap * tanh(logits / softcap); 0 = off
+    value_embed: bool = False  # EXPERIMENT
 
     @property
     def padded_vocab_size(self):
@@ -41,11 +46,18 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        if config.value_embed:
+            self.ve_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, cache=None, layer=0, ve=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if ve is not None:
+            v = v + self.ve_gate * ve
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if cache is None:
             mask, is_causal = None, True
         else:
@@ -69,9 +81,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.activation == "relu2"
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -82,8 +97,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache=None, layer=0, ve=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,14 +132,17 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, targets, chunk_rows, with_grad):
+    def forward(ctx, x, w, targets, chunk_rows, with_grad, softcap=0.0):
         n = x.size(0)
-        dx, dw = torch.empty_like(x), torch.empty_like(w)
+        dx, dw = (torch.empty_like(x), torch.empty_like(w)) if with_grad else (None, None)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         buf = x.new_empty(min(chunk_rows, n), w.size(0))  # one chunk's logits, reused: no big allocations
         for i in range(0, n, chunk_rows):
             xc, tc = x[i:i + chunk_rows], targets[i:i + chunk_rows]
             logits = torch.mm(xc, w.t(), out=buf[:len(tc)])
+            if softcap:
+                tanh = logits.div_(softcap).tanh_().clone()
+                logits = logits.mul_(softcap)
             target_logit = logits.gather(1, tc[:, None])
             top = logits.amax(dim=1, keepdim=True)
             total = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(logit - max)
@@ -132,18 +150,21 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if with_grad:  # d loss / d logits = (softmax - onehot(target)) / n, in one pass over the logits
                 grad = logits.mul_((total * n).reciprocal_())
                 grad[torch.arange(len(tc)), tc] -= 1.0 / n
+                if softcap:
+                    grad.mul_(1 - tanh.square_())
                 torch.mm(grad, w, out=dx[i:i + chunk_rows])
                 if i == 0:
                     torch.mm(grad.t(), xc, out=dw)
                 else:
                     dw.addmm_(grad.t(), xc)
-        ctx.save_for_backward(dx, dw)
+        if with_grad:
+            ctx.save_for_backward(dx, dw)
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
         dx, dw = ctx.saved_tensors
-        return dx * grad_loss, dw * grad_loss, None, None, None
+        return dx * grad_loss, dw * grad_loss, None, None, None, None
 
 
 class GPT(nn.Module):
@@ -157,6 +178,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
+        if config.value_embed:
+            self.vte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.fused_loss = False  # FusedLinearCrossEntropy: faster on CPU, where train.py turns it on
         self._head, self._head_key = None, None  # see decoding_head
         self.init_weights()
@@ -193,9 +216,9 @@ class GPT(nn.Module):
         x = self.hidden(idx, cache)
         if targets is not None and self.fused_loss:
             loss = FusedLinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 128,
-                                                 torch.is_grad_enabled())
+                                                 torch.is_grad_enabled(), self.config.softcap)
             return None, loss
-        logits = self.lm_head(x)
+        logits = self.capped(self.lm_head(x))
         loss = None if targets is None else F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1))
         return logits, loss
 
@@ -206,14 +229,21 @@ class GPT(nn.Module):
         assert start + T <= self.config.block_size, f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
+        ve = self.vte(idx) if self.config.value_embed else None
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer)
+            x = block(x, cache, layer, ve)
         return self.ln_f(x)
+
+    def capped(self, logits):
+        c = self.config.softcap
+        return c * torch.tanh(logits / c) if c else logits
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's QK^T and AV."""
         c = self.config
         matmul_params = self.num_params()[1] - self.wpe.weight.numel()  # wte counts: it is also the head
+        if self.config.value_embed:
+            matmul_params -= self.vte.weight.numel()
         return 6 * matmul_params + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, tokens_per_sec, peak_flops):
@@ -262,7 +292,7 @@ class GPT(nn.Module):
                 if cache is None:
                     cache = KVCache(self.config, idx.size(0), idx.device, param.dtype)
                 x = self.hidden(todo, cache)
-            logits = (x[:, -1] @ head).float()
+            logits = self.capped((x[:, -1] @ head).float())
             token = sample_token(logits, temperature, top_k, top_p, generator)
             yield token, logits
             idx, todo = torch.cat((idx, token), dim=1), token
@@ -295,6 +325,9 @@ def sample_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=None)
 # Loading a trained model, and where to run it: shared by train.py, sample.py and export.py
 
 
+CHECKPOINT_VERSION = 2  # bump when what a checkpoint holds changes (2: the vocabulary travels with it)
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one first (python train.py)")
@@ -304,6 +337,9 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated or corrupt?")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by train.py")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} was written by another version of train.py (checkpoint version "
+                        f"{ckpt.get('version', 1)}, this one reads {CHECKPOINT_VERSION}): train it again")
     return ckpt
 
 
@@ -335,8 +371,6 @@ def autocast_context(device, dtype):
         dtype = "float32"
         if device.type == "cuda":
             dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype={dtype}: choose auto, float32, bfloat16 or float16")
     if dtype == "float32":
         return nullcontext(), dtype
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)), dtype

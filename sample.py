@@ -13,9 +13,9 @@ import sys
 
 import torch
 
-from config import UserError, get_config, sample as sample_keys
+from config import SAMPLING, UserError, get_config
 from model import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
-from tokenizer import EOT, get_tokenizer
+from tokenizer import get_tokenizer
 
 
 def read_prompt(start):
@@ -36,12 +36,11 @@ def read_prompt(start):
 
 
 def load_model(cfg, device):
+    """The checkpoint's model, on device, and its tokenizer."""
     path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
     ckpt = load_checkpoint(path)
-    if ckpt["config"].get("vocab_size") != EOT + 1:
-        raise UserError(f"{path} has a {ckpt['config'].get('vocab_size')}-token vocabulary, not GPT-2's {EOT + 1}")
     model = model_from_checkpoint(ckpt, path)
-    return model.to(device).eval()
+    return model.to(device).eval(), get_tokenizer(ckpt["vocab"])
 
 
 def generate_text(model, enc, prompt_ids, cfg, generator, out=None):
@@ -54,7 +53,7 @@ def generate_text(model, enc, prompt_ids, cfg, generator, out=None):
     for token, _ in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"],
                                    generator):
         token = token.item()
-        if token == EOT and cfg["stop_at_eot"]:
+        if token == enc.eot_token and cfg["stop_at_eot"]:
             break
         pieces.append(decoder.decode(enc.decode_single_token_bytes(token)))
         if out is not None:
@@ -71,10 +70,9 @@ def sample(cfg, out=sys.stdout):
     prompt = read_prompt(cfg["start"])
     device = pick_device(cfg["device"])
     ctx, _ = autocast_context(device, cfg["dtype"])
-    model = load_model(cfg, device)
-    enc = get_tokenizer()
+    model, enc = load_model(cfg, device)
     # stories in the training data follow an end-of-text token: starting from one says "a new story begins"
-    prompt_ids = [EOT] + enc.encode_ordinary(prompt)
+    prompt_ids = [enc.eot_token] + enc.encode_ordinary(prompt)
     block_size = model.config.block_size
     if len(prompt_ids) > block_size:
         raise UserError(f"the prompt is {len(prompt_ids) - 1} tokens, longer than the model's context of "
@@ -92,7 +90,7 @@ def sample(cfg, out=sys.stdout):
 
 
 def main(argv):
-    cfg = get_config(argv, [["out_dir", "checkpoint", "device", "dtype", "seed"], sample_keys], "sample.py")
+    cfg, _ = get_config(argv, [["out_dir", "checkpoint", "device", "dtype", "seed"], SAMPLING], "sample.py")
     try:
         sample(cfg)
     except UserError as e:

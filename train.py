@@ -11,7 +11,7 @@ import datetime
 import json
 import math
 import os
-import random
+import shutil
 import signal
 import sys
 import time
@@ -23,10 +23,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import UserError, check_config, get_config, model as model_keys, parse_args, paths, system, train as train_keys
-from model import GPT, GPTConfig, autocast_context, load_checkpoint, model_from_checkpoint, pick_device
+from config import MODEL, PATHS, SYSTEM, TRAINING, UserError, check_config, get_config
+from model import CHECKPOINT_VERSION, GPT, GPTConfig, autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
-MODEL_KEYS = tuple(model_keys)
 RUN_KEYS = ("init_from", "eval_only", "checkpoint", "out_dir")  # what this command does, not the run's settings
 
 
@@ -54,7 +53,7 @@ class Bin:
         return torch.from_numpy(np.frombuffer(buf, dtype="<u2").astype(np.int64))
 
 
-def load_bins(data_dir, vocab_size, block_size):
+def load_bins(data_dir, block_size):
     """train and validation Bins, after checking them against meta.json and the model."""
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
@@ -65,9 +64,6 @@ def load_bins(data_dir, vocab_size, block_size):
         raise UserError(f"{data_dir}/meta.json is corrupt: run prepare.py again")
     if not meta.get("complete"):
         raise UserError(f"{data_dir}/ holds an unfinished prepare.py run: run prepare.py again")
-    if meta["vocab_size"] != vocab_size:
-        raise UserError(f"the bins in {data_dir}/ use a {meta['vocab_size']}-token vocabulary but the model "
-                         f"has vocab_size={vocab_size}")
     bins = {}
     for split in ("train", "validation"):
         bins[split] = Bin(os.path.join(data_dir, f"{split}.bin"), meta["splits"][split]["tokens"])
@@ -137,6 +133,9 @@ def set_lr(optimizers, step, cfg):
         peak = cfg["muon_lr"] if isinstance(optimizer, Muon) else cfg["learning_rate"]
         for group in optimizer.param_groups:
             group["lr"] = peak * scale
+            if isinstance(optimizer, Muon):
+                group["momentum"] = 0.85 + 0.10 * min(step / cfg["momentum_warmup"], 1) if cfg["momentum_warmup"] else 0.95
+                group["polar"] = cfg["polar_express"]
 
 
 class Muon(torch.optim.Optimizer):
@@ -164,24 +163,32 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"])  # Nesterov: the momentum one step ahead
                 rows, cols = p.shape
+                polar = group.get("polar", False)
                 if rows == 3 * cols:  # c_attn holds the query, key and value maps: three matrices
-                    update = orthogonalize(update.view(3, cols, cols)).view_as(p)
+                    update = orthogonalize(update.view(3, cols, cols), polar=polar).view_as(p)
                 else:  # a tall matrix's orthogonal update has smaller entries: scale it back up
-                    update = orthogonalize(update) * max(1, rows / cols) ** 0.5
+                    update = orthogonalize(update, polar=polar) * max(1, rows / cols) ** 0.5
                 p.add_(update, alpha=-group["lr"])
 
 
-def orthogonalize(G, steps=5):
+POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def orthogonalize(G, steps=5, polar=False):
     """
     About U V^T for G = U S V^T (also for a batch of matrices): the quintic Newton-Schulz iteration of
     modded-nanogpt, whose coefficients push every singular value into roughly [0.7, 1.2] in five steps, which
     is as good as exact for an update and far cheaper than an SVD.
     """
-    a, b, c = 3.4445, -4.7750, 2.0315
+    coefficients = POLAR_EXPRESS if polar else [(3.4445, -4.7750, 2.0315)] * steps
     wide = G.size(-2) <= G.size(-1)
     X = G if wide else G.mT  # iterate on the small Gram matrix X X^T
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # every singular value <= 1
-    for _ in range(steps):
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.02 if polar else 1) + 1e-7)  # every singular value <= 1
+    for a, b, c in coefficients:
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X if wide else X.mT
@@ -250,23 +257,88 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def rng_state():
-    np_state = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+def rng_state(device):
+    """This process's torch RNG (dropout, initialisation): on its GPU too."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # -----------------------------------------------------------------------------
-# Set-up: DDP
+# The run's settings, and this process's set-up
+
+
+def run_settings(cfg, chosen, ckpt, path):
+    """
+    The settings of the run and the keys the user chose (by flag or preset). A new run has cfg: the defaults,
+    then the preset, then the flags. A resumed run goes on with the settings it was started with: the checkpoint's
+    replace the defaults, and only what is chosen now replaces those; the model's shape cannot change. What the
+    machine picks for one process (evaluations kept short on a CPU, compiling or not) is never a setting: see
+    cpu_eval_iters and wants_compile, which read `chosen`, so a run resumed elsewhere picks again.
+    """
+    if ckpt is None:
+        return cfg, set(chosen)
+    for k in MODEL:
+        if k in chosen and cfg[k] != ckpt["config"][k]:
+            raise UserError(f"{path} was trained with {k}={ckpt['config'][k]!r}, not --{k}={cfg[k]!r}: "
+                            f"the model shape cannot change on resume")
+    saved = {k: v for k, v in ckpt["config"].items() if k in cfg and k not in chosen and k not in RUN_KEYS}
+    cfg = {**cfg, **saved, **{k: ckpt["config"][k] for k in MODEL}}
+    check_config(cfg)  # what the checkpoint holds, with the flags given now
+    return cfg, set(ckpt["chosen"]) | set(chosen)
+
+
+CPU_EVAL_ITERS = 5  # on a CPU, batches per split for each evaluation unless eval_iters was chosen
+
+
+def cpu_eval_iters(cfg, chosen, device):
+    """A CPU may need hours where a GPU needs minutes: there, evaluations stay short unless the user chose a length."""
+    if device.type == "cpu" and "eval_iters" not in chosen:
+        return min(cfg["eval_iters"], CPU_EVAL_ITERS)
+    return cfg["eval_iters"]
+
+
+def wants_compile(cfg, device, chosen):
+    """torch.compile by default on CUDA only. On a CPU the eager step with the fused loss is as fast (bench.py
+    train) and starts at once, where compiling takes a minute, so there it compiles only when asked: --compile=True."""
+    return cfg["compile"] and (device.type == "cuda" or "compile" in chosen)
+
+
+def compiler_missing(device):
+    """Why torch.compile cannot work on this device, or None: inductor builds GPU kernels with Triton and CPU
+    kernels with the machine's C++ compiler (CXX, else g++; cl on Windows)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "Triton is not installed (it is not available on every platform)"
+    compiler = os.environ.get("CXX") or ("cl" if sys.platform == "win32" else "g++")
+    return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) was found"
+
+
+def cpu_note(model, cfg, eval_iters, chosen, tokens_per_iter):
+    """What the run will cost on this CPU: the model's FLOPs at the rate of a head-shaped matmul, timed now."""
+    a, b = torch.randn(256, model.config.n_embd), torch.randn(model.config.n_embd, model.config.padded_vocab_size)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(2):
+        a @ b
+    flops_per_second = 2 * 2 * a.size(0) * a.size(1) * b.size(1) / (time.perf_counter() - start)
+    step = model.flops_per_token() * tokens_per_iter / flops_per_second
+    evaluation = step / 3 * 2 * eval_iters * cfg["batch_size"] * cfg["block_size"] / tokens_per_iter
+    note = (f"note: this CPU does about {flops_per_second / 1e9:.0f} GFLOP/s, so a step takes about {duration(step)}, "
+            f"max_iters={cfg['max_iters']} about {duration(step * cfg['max_iters'])}, and each evaluation "
+            f"(eval_iters={eval_iters}{'' if 'eval_iters' in chosen else ', the CPU default'}) about "
+            f"{duration(evaluation)}")
+    if step * cfg["max_iters"] > 3600 and not cfg["preset"]:
+        note += "; --preset=cpu trains a smaller model in about 10 minutes"
+    return note
+
+
+def duration(seconds):
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} hours"
 
 
 def setup_ddp(cfg):
@@ -280,62 +352,6 @@ def setup_ddp(cfg):
     # a rank that dies must not leave the others waiting forever
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=120))
     return rank, world, local
-
-
-# -----------------------------------------------------------------------------
-# Training
-
-
-def open_log(out_dir, start_step):
-    """log.jsonl, to append to. A resumed run drops the rows past its checkpoint first (a crash leaves some,
-    and those steps are about to run again); a run from scratch starts a new log."""
-    path = os.path.join(out_dir, "log.jsonl")
-    if start_step == 0 or not os.path.exists(path):
-        return open(path, "w")
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= start_step:
-                kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by a kill
-            pass
-    if kept != lines:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-    return open(path, "a")
-
-
-def write_log(log, **row):
-    if log is not None:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-
-
-def plot_losses(out_dir):
-    """log.jsonl -> loss.png; matplotlib is optional."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the loss curve (pip install matplotlib)")
-        return
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train (batch)"), ("train_loss", "train (eval)"), ("val_loss", "validation")):
-        points = [(r["tokens"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, linewidth=1)
-    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats)", title=f"{out_dir}: loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"), dpi=120)
-    plt.close(fig)
 
 
 class StopRequest:
@@ -356,44 +372,80 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal = signum
 
-
-CPU_EVAL_ITERS = 5  # on a CPU, batches per split for each evaluation unless --eval_iters says otherwise
-
-
-def cpu_note(model, cfg, tokens_per_iter, explicit):
-    """What the run will cost on this CPU: the model's FLOPs at the rate of a head-shaped matmul, timed now."""
-    a, b = torch.randn(256, model.config.n_embd), torch.randn(model.config.n_embd, model.config.padded_vocab_size)
-    a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(2):
-        a @ b
-    flops_per_second = 2 * 2 * a.size(0) * a.size(1) * b.size(1) / (time.perf_counter() - start)
-    step = model.flops_per_token() * tokens_per_iter / flops_per_second
-    evaluation = step / 3 * 2 * cfg["eval_iters"] * cfg["batch_size"] * cfg["block_size"] / tokens_per_iter
-    # an estimate: within 5% for the default model here, about 2x high for narrow ones (their backward matmuls
-    # run faster than the head-shaped probe)
-    note = (f"note: this CPU does about {flops_per_second / 1e9:.0f} GFLOP/s, so a step takes about {duration(step)}, "
-            f"max_iters={cfg['max_iters']} about {duration(step * cfg['max_iters'])}, and each evaluation "
-            f"(eval_iters={cfg['eval_iters']}{'' if 'eval_iters' in explicit else ', the CPU default'}) about "
-            f"{duration(evaluation)}")
-    if step * cfg["max_iters"] > 3600 and not cfg["preset"]:
-        note += "; --preset=cpu trains a smaller model in about 10 minutes"
-    return note
+    def agreed(self, world, device):
+        """The signal any process has received, or 0. Every rank must stop at the same step: a rank that went on
+        to the next step's gradient all-reduce while another saves would wait on it until the timeout."""
+        if world == 1:
+            return self.signal or 0
+        flag = torch.tensor([self.signal or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # 4 bytes a step
+        return int(flag.item())
 
 
-def duration(seconds):
-    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} hours"
+# -----------------------------------------------------------------------------
+# The log
 
 
-def wants_compile(cfg, device, explicit):
-    """torch.compile by default on CUDA only. On a CPU the eager step with the fused loss is as fast (bench.py
-    train) and starts at once, where compiling takes a minute, so there it compiles only when asked: --compile=True."""
-    return cfg["compile"] and (device.type == "cuda" or "compile" in explicit)
+def open_log(out_dir, start_step):
+    """log.jsonl, to append to. A resumed run first drops the rows of its own step and after (a crash may leave
+    some, and those steps are about to run again); a run from scratch starts a new log."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if start_step == 0 or not os.path.exists(path):
+        return open(path, "w")
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] < start_step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            pass
+    if kept != lines:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
-# Dense bf16 peak FLOP/s by device type, for the MFU in the progress bar: an H100 SXM's 989 TFLOP/s (an A100
-# has 312e12: edit for yours). The tests add a CPU entry, so that the figure is computed in CI too.
-PEAK_FLOPS = {"cuda": 989e12}
+def plot_losses(out_dir):
+    """log.jsonl -> loss.png (written whole, like every file here); matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the loss curve (pip install matplotlib)")
+        return
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train (batch)"), ("train_loss", "train (eval)"), ("val_loss", "validation")):
+        points = [(r["tokens"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, linewidth=1)
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats/token)", title=f"{out_dir}: loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path + ".tmp", dpi=120, format="png")
+    plt.close(fig)
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+# Dense bf16 peak FLOP/s by GPU name (the first that the device's name contains), for the MFU in the progress bar;
+# add yours. The tests add a "cpu" entry, so that the figure is computed in CI too.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+              "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
 def train_step(model, optimizers, scaler, data, generator, grad_accum, cfg, ctx, device):
@@ -418,185 +470,203 @@ def train_step(model, optimizers, scaler, data, generator, grad_accum, cfg, ctx,
     return loss
 
 
-def train(cfg, explicit=()):
-    """Train (or resume, or with eval_only just evaluate) as cfg says; returns a summary dict.
-    `explicit` names the keys the user set: on resume they replace the checkpoint's settings, but may not change
-    the model's shape."""
+class Run:
+    """What a training run holds besides the model: its optimizers, the batch RNG and where it writes. One per
+    process; checkpoint() gathers every rank's RNG states, so all ranks call it together."""
+
+    def __init__(self, model, cfg, chosen, meta, device, rank, world):
+        self.model, self.cfg, self.chosen, self.meta, self.device = model, cfg, chosen, meta, device
+        self.rank, self.world = rank, world
+        self.optimizers = make_optimizers(model, cfg, device)
+        self.generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
+        self.ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        self.start_step, self.best_val = 0, float("inf")
+
+    def state(self, **extra):
+        """What every checkpoint holds: the weights, and the settings and vocabulary to use them."""
+        return dict(version=CHECKPOINT_VERSION, model=self.model.state_dict(), vocab=self.meta["vocab"],
+                    config={**self.cfg, "vocab_size": self.meta["vocab_size"]}, chosen=sorted(self.chosen), **extra)
+
+    def checkpoint(self, step):
+        """Everything needed to continue exactly from `step`, with the RNG states of every rank."""
+        ranks = [dict(batch=self.generator.get_state(), torch=rng_state(self.device))]
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, dict(batch=self.generator.get_state(), torch=rng_state(self.device)))
+        if self.rank == 0:
+            save_checkpoint(self.ckpt_path, self.state(optimizer=[o.state_dict() for o in self.optimizers], step=step,
+                                                       best_val_loss=self.best_val, ranks=ranks))
+
+    def save_if_best(self, step, val_loss):
+        if val_loss < self.best_val:
+            self.best_val = val_loss
+            if self.rank == 0:
+                save_checkpoint(os.path.join(self.cfg["out_dir"], "best.pt"), self.state(step=step, val_loss=val_loss))
+
+    def resume(self, ckpt):
+        """Continue from the checkpoint: its optimizer state, step and RNGs."""
+        try:
+            for optimizer, state in zip(self.optimizers, ckpt["optimizer"], strict=True):
+                optimizer.load_state_dict(state)
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{self.ckpt_path}: its optimizer state does not fit --optimizer={self.cfg['optimizer']}: "
+                            f"resume with the optimizer it was trained with, or start from scratch")
+        self.start_step, self.best_val = ckpt["step"], ckpt["best_val_loss"]
+        if len(ckpt["ranks"]) == self.world:
+            self.generator.set_state(ckpt["ranks"][self.rank]["batch"])
+            set_rng_state(ckpt["ranks"][self.rank]["torch"], self.device)
+        else:  # each rank draws anew, from a seed of its own for this step: the run goes on, not bit for bit
+            self.generator.manual_seed(self.cfg["seed"] + self.rank + 1_000_003 * self.start_step)
+            torch.manual_seed(self.cfg["seed"] + self.rank + 1_000_003 * self.start_step)
+            if self.rank == 0:
+                print(f"note: {self.ckpt_path} was saved by {len(ckpt['ranks'])} processes, this run has {self.world}: "
+                      f"every process draws its batches anew from here, so the run goes on but not exactly as it would have")
+
+
+def train(cfg, chosen=()):
+    """Train, or resume, as cfg says; returns dict(best_val_loss, model). `chosen`: the keys the user set."""
     rank, world, local = setup_ddp(cfg)
     master = rank == 0
     device = pick_device(cfg["device"])
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
-    out_dir = cfg["out_dir"]
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        path = os.path.join(out_dir, cfg["checkpoint"]) if cfg["eval_only"] else ckpt_path
-        ckpt = load_checkpoint(path)
-        for k in MODEL_KEYS:
-            if k in explicit and cfg[k] != ckpt["config"][k]:
-                raise UserError(f"{path} was trained with {k}={ckpt['config'][k]!r}, not --{k}={cfg[k]!r}: "
-                                 f"the model shape cannot change on resume")
-        # a resumed run goes on with the settings it was started with; only the keys given now change
-        saved = {k: v for k, v in ckpt["config"].items() if k in cfg and k not in explicit and k not in RUN_KEYS}
-        cfg = {**cfg, **saved, **{k: ckpt["config"][k] for k in MODEL_KEYS}}
-    check_config(cfg)  # also what a resumed run takes from its checkpoint, with the flags given now
-    if ckpt is not None and not cfg["eval_only"] and ckpt["step"] >= cfg["max_iters"]:
-            if master:
-                print(f"{path} is already complete at step {ckpt['step']} (max_iters={cfg['max_iters']}): "
-                      f"nothing to do. To train longer: python train.py --init_from=resume --max_iters=M")
-            if world > 1:
-                dist.destroy_process_group()
-            return dict(best_val_loss=ckpt["best_val_loss"], model=None)
+    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path) if cfg["init_from"] == "resume" else None
+    cfg, chosen = run_settings(cfg, chosen, ckpt, ckpt_path)
+    if ckpt is not None and ckpt["step"] >= cfg["max_iters"]:
+        if master:
+            print(f"{ckpt_path} is already complete at step {ckpt['step']} (max_iters={cfg['max_iters']}): "
+                  f"nothing to do. To train longer: python train.py --init_from=resume --max_iters=M")
+        return dict(best_val_loss=ckpt["best_val_loss"], model=None)
     if cfg["gradient_accumulation_steps"] % world:
         raise UserError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not a multiple "
-                         f"of the {world} DDP processes")
-
-    bins, meta = load_bins(cfg["data_dir"], cfg["vocab_size"], cfg["block_size"])
-    torch.manual_seed(cfg["seed"] + rank)
+                        f"of the {world} DDP processes")
+    bins, meta = load_bins(cfg["data_dir"], cfg["block_size"])
+    model = load_model(cfg, ckpt, ckpt_path, meta, rank).to(device)
     ctx, dtype = autocast_context(device, cfg["dtype"])
-    if ckpt is not None:
-        model = model_from_checkpoint(ckpt, path)
-    else:
-        model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL_KEYS}))
-    compiling = wants_compile(cfg, device, explicit)
+    compiling = wants_compile(cfg, device, chosen)
+    if compiling and compiler_missing(device):
+        compiling = False
+        if master:
+            print(f"note: training without torch.compile: {compiler_missing(device)} (--compile=False says so quietly)")
     # the fused loss is a big win for an eager step on a CPU; a compiled model keeps the plain loss, as on a GPU
     model.fused_loss = device.type == "cpu" and not compiling
-    model.to(device)
-
-    if cfg["eval_only"]:
-        v = meta["splits"]["validation"]
-        # small batches: the full logits of a batch (batch x block_size x 50K floats) are held at once
-        loss, ppl, bpb = evaluate_split(model, bins["validation"], v["bytes"], cfg["block_size"],
-                                        min(cfg["batch_size"], 16), ctx, device)
-        print(f"validation ({v['tokens']:,} tokens, {v['bytes']:,} bytes): loss {loss:.4f} nats/token | "
-              f"perplexity {ppl:.3f} | {bpb:.4f} bits/byte")
-        return dict(loss=loss, perplexity=ppl, bits_per_byte=bpb)
-
-    n_params, n_total = model.num_params()
+    eval_iters = cpu_eval_iters(cfg, chosen, device)
     grad_accum = cfg["gradient_accumulation_steps"] // world
     tokens_per_iter = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
     if master:
+        n_params, n_total = model.num_params()
         print(f"model: {n_params / 1e6:.2f}M parameters besides the token and position embeddings, "
-              f"{n_total / 1e6:.2f}M in all (the head is tied to the token embedding)")
+              f"{n_total / 1e6:.2f}M in all (the head is tied to the {meta['vocab_size']:,}-token embedding)")
         print(f"tokens per step: {tokens_per_iter:,} = {grad_accum} accumulation x {world} processes x "
               f"{cfg['batch_size']} batch x {cfg['block_size']} tokens; on {device} in {dtype}")
-    if device.type == "cpu":
-        # A CPU may need hours where a GPU needs minutes: say so before the first evaluation, and keep that
-        # evaluation short unless the user asked for a length.
-        if "eval_iters" not in explicit:
-            cfg = {**cfg, "eval_iters": min(cfg["eval_iters"], CPU_EVAL_ITERS)}
-        if master:
-            print(cpu_note(model, cfg, tokens_per_iter, explicit))
+        if device.type == "cpu":
+            print(cpu_note(model, cfg, eval_iters, chosen, tokens_per_iter))
 
-    optimizers = make_optimizers(model, cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
-    generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
-    start_step, best_val = 0, float("inf")
+    run = Run(model, cfg, chosen, meta, device, rank, world)
     if ckpt is not None:
-        try:
-            for optimizer, state in zip(optimizers, ckpt["optimizer"], strict=True):
-                optimizer.load_state_dict(state)
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{ckpt_path}: its optimizer state does not fit --optimizer={cfg['optimizer']} or this "
-                            f"version of train.py; start from scratch")
-        start_step, best_val = ckpt["step"], ckpt["best_val_loss"]
-        set_rng_state(ckpt["rng"])
-        generator.set_state(ckpt["batch_rng"][rank])
+        run.resume(ckpt)
         if master:
-            print(f"resuming from {ckpt_path} at step {start_step}")
+            print(f"resuming from {ckpt_path} at step {run.start_step}")
     del ckpt
-    raw_model = model  # saved and evaluated without the compile and DDP wrappers
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
+    step_model = model  # the model each step runs: compiled, wrapped for DDP; saved and evaluated without those
     if compiling:
         if master and device.type != "cuda":
             print(f"compiling the model for {device.type}, as asked (--compile=True): the first step waits a minute "
                   f"or so for the compiler, and the steps use the plain loss (bench.py train compares)")
-        model = torch.compile(model, dynamic=False)  # the shapes never change: one graph, never recompiled
+        step_model = torch.compile(model, dynamic=False)  # the shapes never change: one graph, never recompiled
     if world > 1:
-        model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+        step_model = DDP(step_model, device_ids=[local] if device.type == "cuda" else None)
+    # bits/byte of the validation split, from its nats/token: comparable across vocabularies
+    to_bits_per_byte = meta["splits"]["validation"]["tokens"] / meta["splits"]["validation"]["bytes"] / math.log(2)
+    diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
 
-    def checkpoint(step, best_val):
-        """Everything needed to continue exactly from `step`; the batch RNG of every rank."""
-        states = [generator.get_state()]
-        if world > 1:
-            states = [None] * world
-            dist.all_gather_object(states, generator.get_state())
-        if master:
-            save_checkpoint(ckpt_path, dict(model=raw_model.state_dict(), optimizer=[o.state_dict() for o in optimizers],
-                                            step=step, best_val_loss=best_val, config=cfg, rng=rng_state(),
-                                            batch_rng=states))
-
-    os.makedirs(out_dir, exist_ok=True)
-    log_file = open_log(out_dir, start_step) if master else nullcontext()  # rank 0 writes
-    max_iters = cfg["max_iters"]
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    log_file = open_log(cfg["out_dir"], run.start_step) if master else nullcontext()  # rank 0 writes
     # the bar is closed on the way out, whatever happens: an error line then starts on a line of its own
-    bar = tqdm(total=max_iters, initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
+    bar = tqdm(total=cfg["max_iters"], initial=run.start_step, unit="step", dynamic_ncols=True, disable=not master)
     with StopRequest() as stop, log_file as log, bar:
         t0 = time.time()
-        diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
-        # log.jsonl holds one row per step it mentions. Step s's row (the loss of the step that ended at s, the
-        # evaluation at s) is written before the checkpoint at s, so a resumed run never writes it again.
-        row = {}
-        for step in range(start_step, max_iters + 1):
-            last_step = step == max_iters
-            # evaluate and save at every eval_interval and at the end; not again at the step just resumed from
-            evaluate = last_step or (step % cfg["eval_interval"] == 0 and (step == 0 or step > start_step))
-            if evaluate:
-                losses = estimate_loss(raw_model, bins, cfg, ctx, device)
-                if not math.isfinite(losses["validation"]):
-                    raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
-                if master:
-                    bar.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['validation']:.4f}")
-                row.update(train_loss=losses["train"], val_loss=losses["validation"])
-            if row and master:
-                write_log(log, step=step, tokens=step * tokens_per_iter, **row, elapsed=time.time() - t0)
-            row = {}
-            if evaluate:
-                if master and losses["validation"] < best_val:
-                    best_val = losses["validation"]
-                    save_checkpoint(os.path.join(cfg["out_dir"], "best.pt"),
-                                    dict(model=raw_model.state_dict(), config=cfg, step=step, val_loss=best_val))
-                checkpoint(step, best_val)
-            if last_step:
-                break
-            if stop.signal is not None:
-                checkpoint(step, best_val)
+        for step in range(run.start_step, cfg["max_iters"] + 1):
+            signum = stop.agreed(world, device)
+            if signum:
+                run.checkpoint(step)
                 bar.close()  # before the message, which should be the last line
                 if master:
-                    print(f"stopped by {signal.Signals(stop.signal).name} at step {step}: saved {ckpt_path}; "
+                    print(f"stopped by {signal.Signals(signum).name} at step {step}: saved {ckpt_path}; "
                           f"continue with --init_from=resume", file=sys.stderr)
-                sys.exit(128 + stop.signal)  # the shell's convention for "ended by this signal"
-
-            lr = get_lr(step, cfg)
-            set_lr(optimizers, step, cfg)
-            step_start = time.time()
-            loss = train_step(model, optimizers, scaler, bins["train"], generator, grad_accum, cfg, ctx, device)
-            bar.update(1)
-
-            if step % cfg["log_interval"] == 0 and master:
-                loss_value = loss.item()  # waits for the GPU: so only every log_interval steps
-                if not math.isfinite(loss_value):
-                    raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
-                tok_s = tokens_per_iter / (time.time() - step_start)
-                postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-                if PEAK_FLOPS.get(device.type):
-                    postfix["mfu"] = f"{100 * raw_model.estimate_mfu(tok_s, PEAK_FLOPS[device.type]):.1f}%"
-                bar.set_postfix(postfix, refresh=False)
-                row = dict(loss=loss_value, lr=lr)  # logged as step + 1, where this step ends
+                sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
+            # a row of log.jsonl for each step that evaluates or logs a loss, written in that step
+            row = {}
+            if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+                losses = estimate_loss(model, bins, {**cfg, "eval_iters": eval_iters}, ctx, device)
+                if not math.isfinite(losses["validation"]):
+                    raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
+                bar.write(f"step {step}: val {losses['validation'] * to_bits_per_byte:.3f} bits/byte (val loss "
+                          f"{losses['validation']:.4f}, train loss {losses['train']:.4f} nats/token)")
+                row.update(train_loss=losses["train"], val_loss=losses["validation"])
+                if step > run.start_step or step == 0:  # a resumed run's first evaluation repeats its checkpoint's
+                    run.save_if_best(step, losses["validation"])
+                    run.checkpoint(step)
+            if step < cfg["max_iters"]:
+                set_lr(run.optimizers, step, cfg)
+                step_start = time.time()
+                loss = train_step(step_model, run.optimizers, scaler, bins["train"], run.generator, grad_accum, cfg,
+                                  ctx, device)
+                bar.update(1)
+                if step % cfg["log_interval"] == 0 and master:
+                    loss_value = loss.item()  # waits for the GPU: so only every log_interval steps
+                    if not math.isfinite(loss_value):
+                        raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
+                    tok_s = tokens_per_iter / (time.time() - step_start)
+                    postfix = dict(loss=f"{loss_value:.4f}", lr=f"{get_lr(step, cfg):.2e}", tok_s=f"{tok_s:,.0f}")
+                    if peak_flops(device):
+                        postfix["mfu"] = f"{100 * model.estimate_mfu(tok_s, peak_flops(device)):.1f}%"
+                    bar.set_postfix(postfix, refresh=False)
+                    row.update(loss=loss_value, lr=get_lr(step, cfg))
+            if row and master:
+                log.write(json.dumps(dict(step=step, tokens=step * tokens_per_iter, **row, elapsed=time.time() - t0)) + "\n")
+                log.flush()
     if master:
-        plot_losses(out_dir)
-    if world > 1:
-        dist.destroy_process_group()
-    return dict(best_val_loss=best_val, model=raw_model)
+        plot_losses(cfg["out_dir"])
+    return dict(best_val_loss=run.best_val, model=model)
+
+
+def load_model(cfg, ckpt, path, meta, rank):
+    """The model to train: the checkpoint's, if it fits the bins, or a new one for their vocabulary."""
+    if ckpt is None:
+        torch.manual_seed(cfg["seed"] + rank)  # the first weights (the same on every rank: DDP broadcasts rank 0's)
+        return GPT(GPTConfig(**{k: cfg[k] for k in MODEL}, vocab_size=meta["vocab_size"]))
+    if ckpt["vocab"] != meta["vocab"]:
+        raise UserError(f"{path} was trained on a {ckpt['config']['vocab_size']:,}-token vocabulary, but the bins in "
+                        f"{cfg['data_dir']}/ use another ({meta['vocab_size']:,} tokens): prepare them with "
+                        f"--vocab_size={ckpt['config']['vocab_size']}, or point --data_dir at the bins it was trained on")
+    return model_from_checkpoint(ckpt, path)
+
+
+def evaluate(cfg, chosen=()):
+    """--eval_only: the checkpoint scored on every token of the validation split, in one line."""
+    path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
+    ckpt = load_checkpoint(path)
+    cfg, _ = run_settings(cfg, chosen, ckpt, path)
+    bins, meta = load_bins(cfg["data_dir"], cfg["block_size"])
+    device = pick_device(cfg["device"])
+    model = load_model(cfg, ckpt, path, meta, 0).to(device)
+    ctx, _ = autocast_context(device, cfg["dtype"])
+    v = meta["splits"]["validation"]
+    # small batches: the full logits of a batch (batch x block_size x vocabulary floats) are held at once
+    loss, ppl, bpb = evaluate_split(model, bins["validation"], v["bytes"], cfg["block_size"], min(cfg["batch_size"], 16),
+                                    ctx, device)
+    print(f"validation ({v['tokens']:,} tokens, {v['bytes']:,} bytes): {bpb:.4f} bits/byte | loss {loss:.4f} "
+          f"nats/token ({meta['vocab_size']:,}-token vocabulary) | perplexity {ppl:.3f}")
+    return dict(loss=loss, perplexity=ppl, bits_per_byte=bpb)
 
 
 def main(argv):
-    groups = [paths, system, model_keys, train_keys]
-    cfg = get_config(argv, groups, "train.py")
-    explicit = set(parse_args(argv, cfg, "train.py"))
+    cfg, chosen = get_config(argv, [PATHS, SYSTEM, MODEL, TRAINING], "train.py")
     try:
-        train(cfg, explicit)
+        (evaluate if cfg["eval_only"] else train)(cfg, chosen)
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk while saving: the previous checkpoint is still in place
@@ -611,6 +681,9 @@ def main(argv):
         reason = str(e).strip().splitlines()[0][:300]
         sys.exit(f"error: DDP rank {dist.get_rank()} stopped, most likely because another process died (its log "
                  f"says why): {reason}; continue with --init_from=resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
