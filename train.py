@@ -387,25 +387,29 @@ class StopRequest:
 
 
 def open_log(out_dir, start_step):
-    """log.jsonl, to append to. A resumed run first drops the rows of its own step and after (a crash may leave
-    some, and those steps are about to run again); a run from scratch starts a new log."""
+    """log.jsonl to append to, and what it says of start_step. A resumed run first drops the rows from its own step
+    on (a crash may leave some, and those steps are about to run again) and writes its step's row anew with what
+    that row held (the evaluation of a run that ended there, say); a run from scratch starts a new log."""
     path = os.path.join(out_dir, "log.jsonl")
     if start_step == 0 or not os.path.exists(path):
-        return open(path, "w")
+        return open(path, "w"), {}
     with open(path) as f:
         lines = f.readlines()
-    kept = []
+    kept, row = [], {}
     for line in lines:
         try:
-            if json.loads(line)["step"] < start_step:
-                kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by a kill
-            pass
+            logged = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if logged["step"] < start_step:
+            kept.append(line)
+        elif logged["step"] == start_step:
+            row = {k: v for k, v in logged.items() if k not in ("step", "tokens", "elapsed")}
     if kept != lines:
         with open(path + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(path + ".tmp", path)
-    return open(path, "a")
+    return open(path, "a"), row
 
 
 def plot_losses(out_dir):
@@ -583,7 +587,7 @@ def train(cfg, chosen=()):
     diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
 
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    log_file = open_log(cfg["out_dir"], run.start_step) if master else nullcontext()  # rank 0 writes
+    log_file, resumed_row = open_log(cfg["out_dir"], run.start_step) if master else (nullcontext(), {})  # rank 0 writes
     # the bar is closed on the way out, whatever happens: an error line then starts on a line of its own
     bar = tqdm(total=cfg["max_iters"], initial=run.start_step, unit="step", dynamic_ncols=True, disable=not master)
     with StopRequest() as stop, log_file as log, bar:
@@ -598,7 +602,7 @@ def train(cfg, chosen=()):
                           f"continue with --init_from=resume", file=sys.stderr)
                 sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
             # a row of log.jsonl for each step that evaluates or logs a loss, written in that step
-            row = {}
+            row = resumed_row if step == run.start_step else {}
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
                 losses = estimate_loss(model, bins, {**cfg, "eval_iters": eval_iters}, ctx, device)
                 if not math.isfinite(losses["validation"]):
