@@ -308,6 +308,16 @@ def wants_compile(cfg, device, chosen):
     return cfg["compile"] and (device.type == "cuda" or "compile" in chosen)
 
 
+def use_compiler(cfg, device, chosen, master):
+    """Whether to compile: as wants_compile says, unless the compiler cannot work here (a note then says why)."""
+    if not wants_compile(cfg, device, chosen):
+        return False
+    missing = compiler_missing(device)
+    if missing and master:
+        print(f"note: training without torch.compile: {missing} (--compile=False says so quietly)")
+    return not missing
+
+
 def compiler_missing(device):
     """Why torch.compile cannot work on this device, or None: inductor builds GPU kernels with Triton and CPU
     kernels with the machine's C++ compiler (CXX, else g++; cl on Windows)."""
@@ -485,6 +495,32 @@ class Run:
         self.generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
         self.ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
         self.start_step, self.best_val = 0, float("inf")
+        self.diverged = f"training diverged; {self.ckpt_path} still holds the last good state (try a lower --learning_rate)"
+
+    def evaluate(self, step, bins, ctx, eval_iters, bar):
+        """The losses at `step`, written in the bar in bits/byte too; then best.pt and ckpt.pt, unless this run
+        resumed at `step` and they hold this state already. Every rank calls it (checkpoint() gathers)."""
+        losses = estimate_loss(self.model, bins, {**self.cfg, "eval_iters": eval_iters}, ctx, self.device)
+        if not math.isfinite(losses["validation"]):
+            raise UserError(f"validation loss is {losses['validation']} at step {step}: {self.diverged}")
+        # bits per byte of the validation text: comparable across vocabularies, unlike nats per token
+        v = self.meta["splits"]["validation"]
+        bits_per_byte = losses["validation"] * v["tokens"] / v["bytes"] / math.log(2)
+        bar.write(f"step {step}: val {bits_per_byte:.3f} bits/byte (val loss {losses['validation']:.4f}, "
+                  f"train loss {losses['train']:.4f} nats/token)")
+        if step > self.start_step or step == 0:
+            self.save_if_best(step, losses["validation"])
+            self.checkpoint(step)
+        return dict(train_loss=losses["train"], val_loss=losses["validation"])
+
+    def stop(self, step, signum, bar):
+        """Save at `step`, say so in one last line, and exit as the signal would have. Every rank calls it."""
+        self.checkpoint(step)
+        bar.close()  # before the message, which should be the last line
+        if self.rank == 0:
+            print(f"stopped by {signal.Signals(signum).name} at step {step}: saved {self.ckpt_path}; "
+                  f"continue with --init_from=resume", file=sys.stderr)
+        sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
 
     def state(self, **extra):
         """What every checkpoint holds: the weights, and the settings and vocabulary to use them."""
@@ -548,11 +584,7 @@ def train(cfg, chosen=()):
     bins, meta = load_bins(cfg["data_dir"], cfg["block_size"])
     model = load_model(cfg, ckpt, ckpt_path, meta, rank).to(device)
     ctx, dtype = autocast_context(device, cfg["dtype"])
-    compiling = wants_compile(cfg, device, chosen)
-    if compiling and compiler_missing(device):
-        compiling = False
-        if master:
-            print(f"note: training without torch.compile: {compiler_missing(device)} (--compile=False says so quietly)")
+    compiling = use_compiler(cfg, device, chosen, master)
     # the fused loss is a big win for an eager step on a CPU; a compiled model keeps the plain loss, as on a GPU
     model.fused_loss = device.type == "cpu" and not compiling
     eval_iters = cpu_eval_iters(cfg, chosen, device)
@@ -561,8 +593,8 @@ def train(cfg, chosen=()):
     if master:
         n_params, n_total = model.num_params()
         print(f"model: {n_params / 1e6:.2f}M parameters besides the token and position embeddings, "
-              f"{n_total / 1e6:.2f}M in all (the head is tied to the {meta['vocab_size']:,}-token embedding)")
-        print(f"tokens per step: {tokens_per_iter:,} = {grad_accum} accumulation x {world} processes x "
+              f"{n_total / 1e6:.2f}M in all (the head is tied to the {meta['vocab_size']:,}-token embedding)\n"
+              f"tokens per step: {tokens_per_iter:,} = {grad_accum} accumulation x {world} processes x "
               f"{cfg['batch_size']} batch x {cfg['block_size']} tokens; on {device} in {dtype}")
         if device.type == "cpu":
             print(cpu_note(model, cfg, eval_iters, chosen, tokens_per_iter))
@@ -582,9 +614,6 @@ def train(cfg, chosen=()):
         step_model = torch.compile(model, dynamic=False)  # the shapes never change: one graph, never recompiled
     if world > 1:
         step_model = DDP(step_model, device_ids=[local] if device.type == "cuda" else None)
-    # bits/byte of the validation split, from its nats/token: comparable across vocabularies
-    to_bits_per_byte = meta["splits"]["validation"]["tokens"] / meta["splits"]["validation"]["bytes"] / math.log(2)
-    diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
 
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log_file, resumed_row = open_log(cfg["out_dir"], run.start_step) if master else (nullcontext(), {})  # rank 0 writes
@@ -595,24 +624,11 @@ def train(cfg, chosen=()):
         for step in range(run.start_step, cfg["max_iters"] + 1):
             signum = stop.agreed(world, device)
             if signum:
-                run.checkpoint(step)
-                bar.close()  # before the message, which should be the last line
-                if master:
-                    print(f"stopped by {signal.Signals(signum).name} at step {step}: saved {ckpt_path}; "
-                          f"continue with --init_from=resume", file=sys.stderr)
-                sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
+                run.stop(step, signum, bar)
             # a row of log.jsonl for each step that evaluates or logs a loss, written in that step
             row = resumed_row if step == run.start_step else {}
             if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
-                losses = estimate_loss(model, bins, {**cfg, "eval_iters": eval_iters}, ctx, device)
-                if not math.isfinite(losses["validation"]):
-                    raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
-                bar.write(f"step {step}: val {losses['validation'] * to_bits_per_byte:.3f} bits/byte (val loss "
-                          f"{losses['validation']:.4f}, train loss {losses['train']:.4f} nats/token)")
-                row.update(train_loss=losses["train"], val_loss=losses["validation"])
-                if step > run.start_step or step == 0:  # a resumed run's first evaluation repeats its checkpoint's
-                    run.save_if_best(step, losses["validation"])
-                    run.checkpoint(step)
+                row.update(run.evaluate(step, bins, ctx, eval_iters, bar))
             if step < cfg["max_iters"]:
                 set_lr(run.optimizers, step, cfg)
                 step_start = time.time()
@@ -622,7 +638,7 @@ def train(cfg, chosen=()):
                 if step % cfg["log_interval"] == 0 and master:
                     loss_value = loss.item()  # waits for the GPU: so only every log_interval steps
                     if not math.isfinite(loss_value):
-                        raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
+                        raise UserError(f"loss is {loss_value} at step {step}: {run.diverged}")
                     tok_s = tokens_per_iter / (time.time() - step_start)
                     postfix = dict(loss=f"{loss_value:.4f}", lr=f"{get_lr(step, cfg):.2e}", tok_s=f"{tok_s:,.0f}")
                     if peak_flops(device):
