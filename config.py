@@ -78,6 +78,13 @@ EXPORT = dict(
     export_dir="",  # where export.py writes the transformers folder; empty means {out_dir}/hf
 )
 config = {**DATA, **PATHS, **SYSTEM, **MODEL, **TRAINING, **SAMPLING, **EXPORT, "preset": ""}
+# The keys each script reads
+SCRIPTS = {
+    "prepare.py": [DATA, ["data_dir"]],
+    "train.py": [PATHS, SYSTEM, MODEL, TRAINING],
+    "sample.py": [["out_dir", "checkpoint", "device", "dtype", "seed"], SAMPLING],
+    "export.py": [["out_dir", "checkpoint"], EXPORT],
+}
 
 # Named overrides, applied before any other flag: `--preset=cpu`.
 presets = dict(
@@ -220,6 +227,9 @@ def parse_args(argv, cfg, script="this script"):
         if key not in cfg:
             close = difflib.get_close_matches(key, cfg, n=3)
             hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else f"see python {script} --help"
+            readers = [name for name, groups in SCRIPTS.items() if any(key in g for g in groups)]
+            if readers:
+                hint = f"a setting of {' and '.join(readers)}, not of {script}"
             usage_error(f"unknown key --{key} for {script}: {hint}")
         # a string key takes the text as it is, so --start=42 is the prompt "42"
         overrides[key] = text if isinstance(config[key], str) else parse_value(text)

@@ -22,7 +22,7 @@ import tempfile
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from config import EXPORT, SAMPLING, UserError, get_config
+from config import SAMPLING, SCRIPTS, UserError, get_config
 from model import load_checkpoint, model_from_checkpoint
 from tokenizer import gpt2_merges, read_packaged
 
@@ -214,7 +214,7 @@ def export(cfg):
 
 
 def main(argv):
-    cfg, _ = get_config(argv, [["out_dir", "checkpoint"], EXPORT], "export.py")
+    cfg, _ = get_config(argv, SCRIPTS["export.py"], "export.py")
     try:
         export(cfg)
     except UserError as e:

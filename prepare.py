@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import numpy as np
 from tqdm import tqdm
 
-from config import DATA, UserError, get_config
+from config import SCRIPTS, UserError, get_config
 from tokenizer import GPT2_VOCAB_SIZE, choose_vocab, get_tokenizer
 
 HUB_DATASET = "roneneldan/TinyStories"
@@ -419,7 +419,7 @@ def prepare(cfg):
 
 
 def main(argv):
-    cfg, _ = get_config(argv, [DATA, ["data_dir"]], "prepare.py")
+    cfg, _ = get_config(argv, SCRIPTS["prepare.py"], "prepare.py")
     try:
         prepare(cfg)
     except UserError as e:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from config import SAMPLING, UserError, get_config
+from config import SCRIPTS, UserError, get_config
 from model import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 from tokenizer import get_tokenizer
 
@@ -90,7 +90,7 @@ def sample(cfg, out=sys.stdout):
 
 
 def main(argv):
-    cfg, _ = get_config(argv, [["out_dir", "checkpoint", "device", "dtype", "seed"], SAMPLING], "sample.py")
+    cfg, _ = get_config(argv, SCRIPTS["sample.py"], "sample.py")
     try:
         sample(cfg)
     except UserError as e:

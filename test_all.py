@@ -249,14 +249,19 @@ def test_every_setting_is_checked_before_any_work(capsys):
             capsys.readouterr()
 
 
-def test_usage_errors_name_the_key():
+def test_usage_errors_name_the_key(capsys):
     # (README's table covers the mistyped key and the wrong type)
-    r = run("prepare.py", "--n_layer=3")  # a training key is not prepare.py's
-    assert r.returncode == 2 and "--n_layer" in r.stderr
-    r = run("train.py", "--vocab_size=4096")  # the vocabulary is the data's: prepare.py's key, not train.py's
-    assert r.returncode == 2 and "unknown key --vocab_size for train.py" in r.stderr
-    r = run("sample.py", "--help")
-    assert r.returncode == 0 and "--temperature=" in r.stdout and "--learning_rate" not in r.stdout
+    for main, argv, message in (
+            (prepare.main, ["--n_layer=3"], "unknown key --n_layer for prepare.py: a setting of train.py"),
+            # the vocabulary is the data's: prepare.py's key, not train.py's
+            (train_script.main, ["--vocab_size=4096"], "unknown key --vocab_size for train.py: a setting of prepare.py")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}, not of {main.__module__}.py\n"
+    with pytest.raises(SystemExit) as e:
+        sample_script.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--temperature=" in out and "--learning_rate" not in out
 
 
 # =============================================================================
@@ -789,13 +794,12 @@ def test_compile_on_a_cpu_only_when_asked():
         assert train_script.wants_compile(cfg, cpu, chosen) == wanted, argv
 
 
-def test_without_a_compiler_it_trains_eagerly_and_says_why(demo_data, tmp_path):
+def test_without_a_compiler_it_trains_eagerly_and_says_why(demo_data, tmp_path, monkeypatch, capsys):
     data_dir, _ = demo_data
     # what a machine without a C++ compiler (or, on a GPU, without Triton) is like for torch.compile
-    r = run("train.py", *TINY_ARGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--compile=True",
-            "--max_iters=2", env={"CXX": str(tmp_path / "no-such-compiler")})
-    assert r.returncode == 0, r.stderr[-2000:]
-    notes = [line for line in r.stdout.splitlines() if "torch.compile" in line]
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    train_script.main([*TINY_ARGS, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--compile=True", "--max_iters=2"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "torch.compile" in line]
     assert notes == [f"note: training without torch.compile: no C++ compiler ({tmp_path / 'no-such-compiler'}) was "
                      f"found (--compile=False says so quietly)"]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
@@ -917,17 +921,18 @@ def test_kill_9_at_any_moment_never_damages_the_run(demo_data, tmp_path):
     assert_same_run(out, straight)  # the rows past each checkpoint were dropped, not repeated
 
 
-def test_resuming_a_finished_run_changes_nothing_and_max_iters_extends_it(demo_data, tmp_path):
+def test_resuming_a_finished_run_changes_nothing_and_max_iters_extends_it(demo_data, tmp_path, capsys):
     data_dir, _ = demo_data
     args = [*TINY_ARGS, "--log_interval=1", "--eval_interval=4", f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]
-    assert run("train.py", *args, "--max_iters=6").returncode == 0
+    train_script.main([*args, "--max_iters=6"])
     before = tree_state(tmp_path)
-    r = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume")
-    assert r.returncode == 0 and "already complete at step 6" in r.stdout and "--max_iters=M" in r.stdout, r.stderr
+    capsys.readouterr()
+    train_script.main([f"--out_dir={tmp_path}", "--init_from=resume"])
+    out = capsys.readouterr().out
+    assert "already complete at step 6" in out and "--max_iters=M" in out
     assert tree_state(tmp_path) == before
     # a longer max_iters goes on, on the LR schedule of the longer run (warmup and decay follow max_iters)
-    r = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=12")
-    assert r.returncode == 0, r.stderr
+    train_script.main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=12"])
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in rows] == list(range(13))
     cfg = {**torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]}
@@ -1623,7 +1628,8 @@ def test_the_exported_vocabulary_is_gpt2s_restricted(exported, trained):
     vocab = model_script.load_checkpoint(str(trained[0] / "ckpt.pt"))["vocab"]
     names = json.loads(tokenizer.read_packaged("encoder.json"))
     exported_vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    assert exported_vocab == {name: vocab.index(i) for name, i in names.items() if i in set(vocab)}
+    position = {gpt2_id: i for i, gpt2_id in enumerate(vocab)}
+    assert exported_vocab == {name: position[i] for name, i in names.items() if i in position}
     merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert merges[0].startswith("#version") and len(merges) - 1 == len(vocab) - 257  # a merge per non-byte token
     assert all(a + b in exported_vocab and a in exported_vocab and b in exported_vocab

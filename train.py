@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from config import MODEL, PATHS, SYSTEM, TRAINING, UserError, check_config, get_config
+from config import MODEL, SCRIPTS, UserError, check_config, get_config
 from model import CHECKPOINT_VERSION, GPT, GPTConfig, autocast_context, load_checkpoint, model_from_checkpoint, pick_device
 
 RUN_KEYS = ("init_from", "eval_only", "checkpoint", "out_dir")  # what this command does, not the run's settings
@@ -684,7 +684,7 @@ def evaluate(cfg, chosen=()):
 
 
 def main(argv):
-    cfg, chosen = get_config(argv, [PATHS, SYSTEM, MODEL, TRAINING], "train.py")
+    cfg, chosen = get_config(argv, SCRIPTS["train.py"], "train.py")
     try:
         (evaluate if cfg["eval_only"] else train)(cfg, chosen)
     except UserError as e:
