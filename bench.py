@@ -2,6 +2,7 @@
 Benchmarks: the figures in README and RESULTS.md come from here. Each section compares with its baseline in the
 same run, because a shared machine's speed drifts.
 
+    python bench.py vocab --data=PATH         # what a compact vocabulary costs in tokens, and how stable it is
     python bench.py prepare --data=PATH       # prepare.py's tokens/s (counting included) vs tiktoken's own ceiling
     python bench.py train [--nanogpt=PATH]    # the training step: train.py's vs a plain loop, and nanoGPT's own
     python bench.py sample                    # generation: sample.py vs the bare decoding loop vs nanoGPT-style
@@ -122,7 +123,8 @@ def read_stories(data):
 CHILD = """
 import os, sys, time
 sys.path.insert(0, {here!r})
-import prepare
+import prepare, tokenizer
+tokenizer.gpt2_encoding()  # loaded once, as in any run; not what is measured
 cfg = dict(dataset={path!r}, data_dir={out!r}, val_fraction=0.05, force=True, vocab_size={vocab_size})
 t = time.time()
 prepare.count_gpt2_tokens(prepare.find_source(cfg["dataset"], cfg["val_fraction"]), os.cpu_count())
@@ -165,6 +167,46 @@ def bench_prepare(data, vocab_size=8192, repeats=(16, 64)):
                   f"{float(counting):.1f} s of {float(seconds):.1f} s | {ceiling / 1e6:.2f}M | {rate / ceiling:.2f} | "
                   f"{int(rss_kb) / 1024:.0f} MB |")
             os.remove(path)
+
+
+def bench_vocab(data, sizes=(4096, 8192, 16384), samples_mb=(2, 4, 8)):
+    """What a compact vocabulary costs: validation tokens against GPT-2's whole vocabulary, and how much the kept
+    set depends on how much train text was counted (prepare.py counts the first COUNT_BYTES)."""
+    from prepare import COUNT_BYTES
+    from tokenizer import GPT2_VOCAB_SIZE, choose_vocab, get_tokenizer
+
+    gpt2 = get_tokenizer()
+    train = read_stories(os.path.join(data, next(f for f in sorted(os.listdir(data)) if "train" in f))) \
+        if os.path.isfile(data) else [s for f in sorted(os.listdir(data)) if "train" in f
+                                      for s in read_stories(os.path.join(data, f))]
+    valid = [s for f in sorted(os.listdir(data)) if "valid" in f for s in read_stories(os.path.join(data, f))]
+    train_ids = [gpt2.encode_ordinary(s) for s in train]
+    valid_ids = [gpt2.encode_ordinary(s) for s in valid]
+    n_valid = sum(map(len, valid_ids))
+    sizes_of = np.cumsum([len(s.encode()) + 1 for s in train])
+
+    def counts(n_bytes):
+        n = int(np.searchsorted(sizes_of, n_bytes)) + 1
+        return np.bincount(np.concatenate([np.array(x, dtype=np.int64) for x in train_ids[:n]]), minlength=GPT2_VOCAB_SIZE)
+
+    print(f"vocab: counted in the train files of {data} ({sizes_of[-1] / 2**20:.1f} MB, {len(train):,} stories); "
+          f"{n_valid:,} GPT-2 tokens in its {len(valid):,} validation stories; prepare.py counts the first "
+          f"{COUNT_BYTES / 2**20:.0f} MB")
+    print("| kept tokens | validation tokens kept as GPT-2 has them | validation tokens (x GPT-2's) | "
+          + " | ".join(f"set from the first {mb} MB: shared with all / validation tokens" for mb in samples_mb) + " |")
+    print("|---|---|---|" + "---|" * len(samples_mb))
+    everything = counts(sizes_of[-1])
+    for size in sizes:
+        vocab = choose_vocab(everything, size)
+        kept, enc = set(vocab), get_tokenizer(vocab)
+        share = sum(t in kept for ids in valid_ids for t in ids) / n_valid
+        ratio = sum(len(enc.encode_ordinary(s)) for s in valid) / n_valid
+        cells = []
+        for mb in samples_mb:
+            partial = choose_vocab(counts(mb * 2**20), size)
+            cells.append(f"{len(kept & set(partial)) / size:.1%} / "
+                         f"{sum(len(get_tokenizer(partial).encode_ordinary(s)) for s in valid) / n_valid:.4f}x")
+        print(f"| {size:,} | {share:.2%} | {ratio:.4f}x | " + " | ".join(cells) + " |")
 
 
 # -----------------------------------------------------------------------------
@@ -868,13 +910,15 @@ def main(argv):
         sys.exit(f"error: unknown --rows={','.join(sorted(set(rows) - set(QUALITY_ROWS)))}: choose from "
                  f"{', '.join(QUALITY_ROWS)} or all")
     for section in sections:
-        if section not in ("prepare", "train", "sample", "quality", "gpu"):
-            sys.exit(f"error: unknown section {section!r}: choose prepare, train, sample, quality or gpu")
-        if section in ("prepare", "quality") and "data" not in options:
+        if section not in ("vocab", "prepare", "train", "sample", "quality", "gpu"):
+            sys.exit(f"error: unknown section {section!r}: choose vocab, prepare, train, sample, quality or gpu")
+        if section in ("vocab", "prepare", "quality") and "data" not in options:
             sys.exit(f"error: bench.py {section} needs --data=PATH: a folder of TinyStories .txt(.gz) files named "
                      f"*train* and *valid* (README: your own data)")
     for section in sections:
-        if section == "prepare":
+        if section == "vocab":
+            bench_vocab(options["data"])
+        elif section == "prepare":
             bench_prepare(options["data"])
         elif section == "train":
             bench_train()

@@ -1765,7 +1765,7 @@ def test_bench_gpu_runs_on_a_cpu_and_writes_its_table(tmp_path, capsys):
     import bench
 
     with deterministic():
-        report = bench.bench_gpu(str(tmp_path / "out"), device=torch.device("cpu"), train_seconds=1)
+        report = bench.bench_gpu(str(tmp_path / "out"), device=torch.device("cpu"), train_seconds=0.05)
     assert json.loads((tmp_path / "out" / "gpu.json").read_text()) == json.loads(json.dumps(report))
     assert report["cuda_tests"].endswith("skipped") or "deselected" in report["cuda_tests"] or "passed" in report["cuda_tests"]
     assert [t["recipe"] for t in report["training"]] == ["the default recipe (Muon + AdamW)",
