@@ -356,21 +356,23 @@ def bench_nanogpt(nanogpt, steps=8, repeats=2):
           f"biases, AdamW, batch 16 x 128, float32, eager; machine: {machine()}, {os.environ.get('OMP_NUM_THREADS', 'all')} threads")
     times = {"nanoGPT's train.py": [], "train.py --optimizer=adamw --bias=True": []}
     with tempfile.TemporaryDirectory() as tmp:
-        write_random_bins(os.path.join(tmp, "data", "tinystories"), 50257)
-        os.rename(os.path.join(tmp, "data", "tinystories", "validation.bin"), os.path.join(tmp, "data", "tinystories", "val.bin"))
-        shutil.copy(os.path.join(tmp, "data", "tinystories", "val.bin"), os.path.join(tmp, "data", "tinystories", "validation.bin"))
+        # nanoGPT reads configurator.py and data/<dataset>/{train,val}.bin from where it runs: a folder of its own
+        data_dir = os.path.join(tmp, "data", "tinystories")
+        write_random_bins(data_dir, 50257)
+        shutil.copy(os.path.join(data_dir, "validation.bin"), os.path.join(data_dir, "val.bin"))
+        for name in ("train.py", "model.py", "configurator.py"):
+            os.symlink(os.path.abspath(os.path.join(nanogpt, name)), os.path.join(tmp, name))
         for _ in range(repeats):
-            r = subprocess.run([sys.executable, os.path.join(nanogpt, "train.py"), *shape, "--dataset=tinystories",
-                                "--dtype=float32", "--eval_interval=100000", f"--out_dir={tmp}/nano"],
-                               cwd=tmp, capture_output=True, text=True)
+            r = subprocess.run([sys.executable, "train.py", *shape, "--dataset=tinystories", "--dtype=float32",
+                                "--eval_interval=100000", f"--out_dir={tmp}/nano"], cwd=tmp, capture_output=True, text=True)
             if r.returncode:
                 sys.exit(f"error: nanoGPT's train.py failed: {r.stderr.strip().splitlines()[-1]}")
             times["nanoGPT's train.py"].append(step_seconds(
                 [float(line.split("time ")[1].split("ms")[0]) / 1000 for line in r.stdout.splitlines() if line.startswith("iter ")]))
             out = os.path.join(tmp, "ours")
             shutil.rmtree(out, ignore_errors=True)
-            run_script("train.py", *shape, "--optimizer=adamw", "--eval_interval=100000",
-                       f"--data_dir={tmp}/data/tinystories", f"--out_dir={out}")
+            run_script("train.py", *shape, "--optimizer=adamw", "--eval_interval=100000", f"--data_dir={data_dir}",
+                       f"--out_dir={out}")
             with open(os.path.join(out, "log.jsonl")) as f:
                 elapsed = [json.loads(line)["elapsed"] for line in f]
             times["train.py --optimizer=adamw --bias=True"].append(step_seconds([b - a for a, b in zip(elapsed, elapsed[1:])]))
@@ -759,7 +761,7 @@ def flops_per_step(flags, vocab_size):
     import config
     from model import GPT, GPTConfig
 
-    cfg, _ = config.get_config(flags, [config.MODEL, config.TRAINING])
+    cfg, _ = config.get_config(flags, config.SCRIPTS["train.py"])
     with torch.device("meta"):
         m = GPT(GPTConfig(**{k: cfg[k] for k in config.MODEL}, vocab_size=vocab_size))
     return m.flops_per_token() * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
@@ -922,6 +924,14 @@ def main(argv):
             bench_prepare(options["data"])
         elif section == "train":
             bench_train()
+            if default_device().type == "cpu":  # and the model a CPU trains: --preset=cpu's, at its batch
+                import config
+                from model import GPTConfig
+
+                cpu = config.presets["cpu"]
+                print()
+                bench_train(model_config=GPTConfig(**{k: cpu[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}),
+                            batch_size=cpu["batch_size"], steps=10)
             if "nanogpt" in options:
                 print()
                 bench_nanogpt(options["nanogpt"])

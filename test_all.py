@@ -1786,3 +1786,137 @@ def test_bench_sample_times_sample_py_beside_the_bare_loop(capsys):
     for row in ("bare decoding loop", "sample.py's path", "nanoGPT-style sampler", "a window jump", "batch 8",
                 "floor"):
         assert row in out
+
+
+# =============================================================================
+# README's table of mistakes: each row run as a user would
+
+
+def readme_table_rows():
+    """The first cell ("you run") of each row of README's table of mistakes."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        section = f.read().split("## Mistakes and what they print")[1].split("\n## ")[0]
+    return [line.split(" | ")[0][2:] for line in section.splitlines() if line.startswith("| ") and "---" not in line
+            and not line.startswith("| you run")]
+
+
+@slow
+def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
+    data_dir, _ = demo_data
+    out = tmp_path / "out"  # a copy of the trained run, so a bug here cannot harm the other tests' checkpoint
+    shutil.copytree(trained[0], out)
+    tiny = [*TINY_ARGS, f"--out_dir={out}"]
+    (tmp_path / "stories.csv").write_text("text\nhello\n")
+    (tmp_path / "x.jsonl").write_text('{"story": "Once upon a time"}\n')
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "train.bin").write_bytes(b"precious")
+    (tmp_path / "notes.txt").write_text("precious")
+    shutil.copytree(data_dir, tmp_path / "cut")
+    with open(tmp_path / "cut" / "train.bin", "r+b") as f:
+        f.truncate(os.path.getsize(tmp_path / "cut" / "train.bin") - 1)
+    for name, data in (("corrupt", os.urandom(5000)), ("truncated", (out / "ckpt.pt").read_bytes()[:100000])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt.pt").write_bytes(data)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    (tmp_path / "old").mkdir()
+    torch.save({k: v for k, v in ckpt.items() if k != "version"}, tmp_path / "old" / "ckpt.pt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    o = f"--out_dir={out}"
+    # README row -> the runs that check it: (script, args, what stderr's last line says, exit status)
+    rows = {
+        "`python train.py --learning_rat=1e-3`": [
+            ("train.py", ["--learning_rat=1e-3"], "unknown key --learning_rat for train.py: did you mean --learning_rate?", 2)],
+        "`python train.py --vocab_size=4096`": [
+            ("train.py", ["--vocab_size=4096"], "unknown key --vocab_size for train.py: a setting of prepare.py", 2)],
+        "`python train.py --batch_size=big`": [("train.py", ["--batch_size=big"], "--batch_size='big': expected int", 2)],
+        "`python prepare.py --dataset=nope.txt`": [
+            ("prepare.py", [f"--dataset={tmp_path / 'nope.txt'}", f"--data_dir={tmp_path / 'd'}"], "no such file or folder", 1)],
+        "`python prepare.py --dataset=stories.csv`": [
+            ("prepare.py", [f"--dataset={tmp_path / 'stories.csv'}", f"--data_dir={tmp_path / 'd'}"], "unknown file type", 1)],
+        "`python prepare.py --dataset=x.jsonl` without a `text` field": [
+            ("prepare.py", [f"--dataset={tmp_path / 'x.jsonl'}", f"--data_dir={tmp_path / 'd'}"],
+             'record 1: expected an object with a "text" string field', 1)],
+        "`python prepare.py --data_dir=~/photos` holding a foreign `train.bin`": [
+            ("prepare.py", [f"--dataset={prepare.DEMO_CORPUS}", f"--data_dir={tmp_path / 'photos'}"],
+             "refusing to overwrite it", 1)],
+        "`python train.py` before prepare.py": [
+            ("train.py", tiny + [f"--data_dir={tmp_path / 'nowhere'}"], "run prepare.py first", 1)],
+        "`python train.py` on a truncated bin": [
+            ("train.py", tiny + [f"--data_dir={tmp_path / 'cut'}"], "a truncated or foreign file; run prepare.py again", 1)],
+        "`python train.py --block_size=100000`": [
+            ("train.py", tiny + [f"--data_dir={data_dir}", "--block_size=100000"], "not more than block_size=100000", 1)],
+        "`python train.py --init_from=resume --n_layer=3` on a 6-layer checkpoint": [
+            ("train.py", tiny + [f"--data_dir={data_dir}", "--init_from=resume", "--n_layer=3"],
+             "was trained with n_layer=2, not --n_layer=3: the model shape cannot change on resume", 1)],
+        "`python train.py --init_from=resume --optimizer=adamw` on a Muon checkpoint": [
+            ("train.py", tiny + [f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=60", "--optimizer=adamw"],
+             "its optimizer state does not fit --optimizer=adamw: resume with the optimizer it was trained with", 1)],
+        "`python train.py --init_from=resume` with bins of another vocabulary (`prepare.py --vocab_size=50257`)": [
+            ("train.py", tiny + [f"--data_dir={gpt2_data[0]}", "--init_from=resume", "--max_iters=60"],
+             "was trained on a 8,192-token vocabulary, but the bins in", 1)],
+        "a run whose loss becomes NaN": [
+            ("train.py", tiny + [f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=60", "--learning_rate=1e9",
+                                 "--muon_lr=1e9"], "training diverged", 1)],
+        "`python sample.py` with no checkpoint": [("sample.py", [f"--out_dir={tmp_path / 'none'}"], "no checkpoint at", 1)],
+        "`python sample.py` on a truncated or random-bytes checkpoint": [
+            ("sample.py", [f"--out_dir={tmp_path / d}"], "is not a readable checkpoint", 1) for d in ("corrupt", "truncated")],
+        "`python sample.py` on a checkpoint from another version of this project": [
+            ("sample.py", [f"--out_dir={tmp_path / 'old'}"], "was written by another version of train.py (checkpoint "
+                                                             "version 1, this one reads 2): train it again", 1)],
+        "`python sample.py --top_p=1.5`, or any value out of its key's range": [
+            ("sample.py", [o, flag], f"{flag}: must be", 2)
+            for flag in ("--temperature=-1.0", "--top_p=0.0", "--top_p=1.5", "--top_k=0", "--num_samples=0")],
+        "`python train.py --n_head=5` with the default `n_embd=384`, or another combination that cannot work": [
+            ("train.py", ["--n_head=5"], "--n_embd=384, --n_head=5: n_embd must be a multiple of n_head", 2),
+            ("train.py", tiny + ["--warmup_iters=100", "--lr_decay_iters=50"], "lr_decay_iters must come after", 2)],
+        "`python sample.py --start=FILE:missing.txt` / an empty / a non-UTF-8 file": [
+            ("sample.py", [o, f"--start=FILE:{tmp_path / name}"], message, 1) for name, message in
+            (("missing.txt", "cannot read the prompt file"), ("empty.txt", "is empty"), ("latin1.txt", "is not UTF-8 text"))],
+        "`python sample.py --start=\"<a prompt longer than the context>\"`": [
+            ("sample.py", [o, "--start=" + "Once upon a time " * 10], "longer than the model's context", 1)],
+        "`python export.py` with no checkpoint, or a truncated or random-bytes one": [
+            ("export.py", [f"--out_dir={tmp_path / d}"], message, 1) for d, message in
+            (("none", "no checkpoint at"), ("corrupt", "is not a readable checkpoint"),
+             ("truncated", "is not a readable checkpoint"))],
+        "`python export.py --export_dir=~/photos` holding files export.py did not write": [
+            ("export.py", [o, f"--export_dir={tmp_path / 'photos'}"],
+             "photos holds files export.py did not write (train.bin): refusing to replace it", 1)],
+        "`python export.py --export_dir=notes.txt`, a file": [
+            ("export.py", [o, f"--export_dir={tmp_path / 'notes.txt'}"], "notes.txt is not a folder", 1)],
+    }
+    # rows that need a signal, a full disk, other processes or the network, and notes, have tests of their own
+    own_tests = {
+        "`python train.py --preset=cpu --n_embd=128`": test_a_flag_given_with_a_preset_wins_and_says_so,
+        "`python prepare.py` with non-UTF-8 bytes in the input": test_invalid_utf8_is_replaced_and_counted,
+        "`python prepare.py` offline, or with `HF_HUB_OFFLINE=1` and no cached copy":
+            test_offline_the_hub_falls_back_to_the_demo_corpus,
+        "`python train.py --compile=True` where torch.compile cannot work (no C++ compiler, no Triton)":
+            test_without_a_compiler_it_trains_eagerly_and_says_why,
+        "a full disk while saving": test_full_disk_keeps_the_previous_files,
+        "Ctrl-C / SIGTERM during training, to any DDP process": test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step,
+        "a DDP process dies (killed, out of memory, machine lost)": test_a_ddp_rank_that_dies_ends_the_run,
+        "`torchrun --nproc_per_node=4 train.py --init_from=resume` on a 2-process checkpoint":
+            test_ddp_resume_is_exact_with_dropout_and_goes_on_with_another_process_count,
+    }
+    assert sorted(readme_table_rows()) == sorted([*rows, *own_tests])
+    before = tree_state(tmp_path), tree_state(data_dir)
+    runs = [(row, *r) for row, checks in rows.items() for r in checks]
+
+    def check(row, script, args, message, code):
+        r = subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=tmp_path, env=OFFLINE_ENV,
+                           capture_output=True, text=True, timeout=240)
+        last = error_line(r)
+        ok = r.returncode == code and last.startswith("error: ") and message in last and "Traceback" not in r.stderr
+        return None if ok else f"{row}: {script} {args} -> exit {r.returncode}, {r.stderr[-500:]!r}"
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(4) as pool:  # (one thread each: many small runs at once)
+        failures = [f for f in pool.map(lambda run_: check(*run_), runs) if f]
+    assert not failures, "\n".join(failures)
+    after = tree_state(tmp_path), tree_state(data_dir)
+    # a run that got as far as training rewrites the rows of log.jsonl from the step it resumed at
+    log = str(out / "log.jsonl")
+    assert same_rows_and_more(before[0].pop(log)[2], after[0].pop(log)[2])
+    changed = [p for a, b in zip(before, after) for p in set(a) | set(b) if a.get(p) != b.get(p)]
+    assert not changed, changed  # not a file written, changed or removed

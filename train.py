@@ -627,7 +627,7 @@ def train(cfg, chosen=()):
                 run.stop(step, signum, bar)
             # a row of log.jsonl for each step that evaluates or logs a loss, written in that step
             row = resumed_row if step == run.start_step else {}
-            if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+            if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and "val_loss" not in row:
                 row.update(run.evaluate(step, bins, ctx, eval_iters, bar))
             if step < cfg["max_iters"]:
                 set_lr(run.optimizers, step, cfg)
