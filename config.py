@@ -36,10 +36,7 @@ MODEL = dict(
     block_size=128,  # context length in tokens
     dropout=0.0,
     bias=False,  # biases in Linear and LayerNorm: no gain for small models, a little slower
-    activation="gelu",  # EXPERIMENT
-    qk_norm=False,  # EXPERIMENT
-    softcap=0.0,  # EXPERIMENT
-    value_embed=False,  # EXPERIMENT
+    value_embed=False,  # a second token embedding added to the attention values of every layer (see model.py)
 )
 TRAINING = dict(
     init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
@@ -53,8 +50,7 @@ TRAINING = dict(
     learning_rate=0.02,  # AdamW's peak LR, after warmup
     min_lr=0.002,  # AdamW's LR at the end of the cosine (above learning_rate, the cosine rises); Muon's ends at the same fraction of its peak
     muon_lr=0.02,  # Muon's peak LR, for the blocks' weight matrices; it follows the same schedule
-    momentum_warmup=300,  # EXPERIMENT
-    polar_express=False,  # EXPERIMENT
+    momentum_warmup=300,  # steps over which Muon's momentum rises from 0.85 to 0.95; 0: 0.95 from the start
     warmup_iters=-1,  # -1: 2% of max_iters
     lr_decay_iters=-1,  # -1: max_iters
     weight_decay=0.1,  # AdamW's, on its matrices and embeddings only (never norms, biases, or Muon's matrices)
@@ -128,12 +124,8 @@ rules = dict(
     vocab_size=(lambda v: 257 <= v <= 50257, "between 257 (the 256 bytes and end-of-text) and 50257 (all of GPT-2's)"),
     dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
     bias=ANY,
-    activation=(lambda v: v in ("gelu", "relu2"), "gelu or relu2"),
-    qk_norm=ANY,
-    softcap=(lambda v: v >= 0, ">= 0"),
     value_embed=ANY,
     momentum_warmup=(lambda v: v >= 0, ">= 0"),
-    polar_express=ANY,
     init_from=(lambda v: v in ("scratch", "resume"), "scratch or resume"),
     eval_only=ANY,
     batch_size=(lambda v: v >= 1, "at least 1"),

@@ -207,6 +207,9 @@ def export(cfg):
     export_dir = export_path(cfg)
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path)
+    if model.config.value_embed:
+        raise UserError(f"{path} has value embeddings (--value_embed=True, as the CPU presets train), which GPT-2's "
+                        f"architecture lacks: to export, train with --value_embed=False")
     n = write_export(model, ckpt["vocab"], export_dir, {"checkpoint": cfg["checkpoint"], "step": ckpt.get("step")})
     print(f"wrote {export_dir}: GPT-2 for transformers, {n:,} weights and a {model.config.vocab_size:,}-token "
           f"vocabulary from {path}")

@@ -1,8 +1,8 @@
 """
 A GPT-2 style decoder: token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and
-a GELU MLP, a final LayerNorm, and an output head tied to the token embedding. Generation uses a KV cache.
-At the end: loading a checkpoint and picking a device, which train.py and sample.py share (export.py loads
-checkpoints with the same functions).
+a GELU MLP, a final LayerNorm, and an output head tied to the token embedding; optionally, value embeddings.
+Generation uses a KV cache. At the end: loading a checkpoint and picking a device, which train.py, sample.py and
+export.py share.
 """
 import math
 import os
@@ -25,10 +25,7 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm
-    activation: str = "gelu"  # EXPERIMENT: gelu or relu2
-    qk_norm: bool = False  # EXPERIMENT
-    softcap: float = 0.0  # EXPERIMENT: logits = softcap * tanh(logits / softcap); 0 = off
-    value_embed: bool = False  # EXPERIMENT
+    value_embed: bool = False  # a second token embedding, added to every layer's attention values
 
     @property
     def padded_vocab_size(self):
@@ -46,8 +43,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.qk_norm = config.qk_norm
-        if config.value_embed:
+        if config.value_embed:  # how much of the token's value embedding this layer's values take in
             self.ve_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x, cache=None, layer=0, ve=None):
@@ -56,8 +52,6 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             v = v + self.ve_gate * ve
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if cache is None:
             mask, is_causal = None, True
         else:
@@ -81,12 +75,9 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.relu2 = config.activation == "relu2"
 
     def forward(self, x):
-        h = self.c_fc(x)
-        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -133,7 +124,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, targets, chunk_rows, with_grad, softcap=0.0):
+    def forward(ctx, x, w, targets, chunk_rows, with_grad):
         n = x.size(0)
         dx, dw = (torch.empty_like(x), torch.empty_like(w)) if with_grad else (None, None)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -141,9 +132,6 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         for i in range(0, n, chunk_rows):
             xc, tc = x[i:i + chunk_rows], targets[i:i + chunk_rows]
             logits = torch.mm(xc, w.t(), out=buf[:len(tc)])
-            if softcap:
-                tanh = logits.div_(softcap).tanh_().clone()
-                logits = logits.mul_(softcap)
             target_logit = logits.gather(1, tc[:, None])
             top = logits.amax(dim=1, keepdim=True)
             total = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(logit - max)
@@ -151,8 +139,6 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if with_grad:  # d loss / d logits = (softmax - onehot(target)) / n, in one pass over the logits
                 grad = logits.mul_((total * n).reciprocal_())
                 grad[torch.arange(len(tc)), tc] -= 1.0 / n
-                if softcap:
-                    grad.mul_(1 - tanh.square_())
                 torch.mm(grad, w, out=dx[i:i + chunk_rows])
                 if i == 0:
                     torch.mm(grad.t(), xc, out=dw)
@@ -165,7 +151,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         dx, dw = ctx.saved_tensors
-        return dx * grad_loss, dw * grad_loss, None, None, None, None
+        return dx * grad_loss, dw * grad_loss, None, None, None
 
 
 class GPT(nn.Module):
@@ -180,6 +166,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
         if config.value_embed:
+            # Value embeddings (modded-nanogpt): each token's own vector, added with a learned per-layer weight to
+            # the values its position offers the attention of every layer, so a layer can pass on which token a
+            # position holds without the residual stream carrying it. A lookup: no FLOPs. -0.02 bits/byte at
+            # --preset=cpu (RESULTS.md); GPT-2 has no such thing, so such a model does not export to transformers.
             self.vte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.fused_loss = False  # FusedLinearCrossEntropy: faster on CPU, where train.py turns it on
         self._head, self._head_key = None, None  # see decoding_head
@@ -188,10 +178,11 @@ class GPT(nn.Module):
     def init_weights(self):
         """
         GPT-2's initialisation:
-          wte, wpe, c_attn, c_fc          N(0, 0.02)
+          wte, wpe, vte, c_attn, c_fc     N(0, 0.02)
           c_proj (attention and MLP)      N(0, 0.02 / sqrt(2 * n_layer)): each block adds two of them to the
                                           residual stream, so this keeps its variance from growing with depth
           LayerNorm weight / any bias     1 / 0
+          ve_gate (value embeddings)      0: every layer starts without them
         """
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -204,9 +195,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)
 
     def num_params(self):
-        """(parameters besides the token and position embeddings, all parameters); the head is tied to wte."""
-        total = sum(p.numel() for p in self.parameters())  # counts the tied matrix once
-        return total - self.wte.weight.numel() - self.wpe.weight.numel(), total
+        """(parameters besides the embeddings, all parameters); the head is tied to wte, so counted once."""
+        total = sum(p.numel() for p in self.parameters())
+        embeddings = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
+        return total - embeddings, total
 
     def forward(self, idx, targets=None, cache=None):
         """
@@ -217,9 +209,9 @@ class GPT(nn.Module):
         x = self.hidden(idx, cache)
         if targets is not None and self.fused_loss:
             loss = FusedLinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 512,
-                                                 torch.is_grad_enabled(), self.config.softcap)
+                                                 torch.is_grad_enabled())
             return None, loss
-        logits = self.capped(self.lm_head(x))
+        logits = self.lm_head(x)
         loss = None if targets is None else F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(-1))
         return logits, loss
 
@@ -235,16 +227,10 @@ class GPT(nn.Module):
             x = block(x, cache, layer, ve)
         return self.ln_f(x)
 
-    def capped(self, logits):
-        c = self.config.softcap
-        return c * torch.tanh(logits / c) if c else logits
-
     def flops_per_token(self):
         """Training FLOPs per token: 6 per weight (forward 2, backward 4) plus attention's QK^T and AV."""
         c = self.config
-        matmul_params = self.num_params()[1] - self.wpe.weight.numel()  # wte counts: it is also the head
-        if self.config.value_embed:
-            matmul_params -= self.vte.weight.numel()
+        matmul_params = self.num_params()[0] + self.wte.weight.numel()  # wte counts: it is also the head
         return 6 * matmul_params + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, tokens_per_sec, peak_flops):
@@ -293,7 +279,7 @@ class GPT(nn.Module):
                 if cache is None:
                     cache = KVCache(self.config, idx.size(0), idx.device, param.dtype)
                 x = self.hidden(todo, cache)
-            logits = self.capped((x[:, -1] @ head).float())
+            logits = (x[:, -1] @ head).float()
             token = sample_token(logits, temperature, top_k, top_p, generator)
             yield token, logits
             idx, todo = torch.cat((idx, token), dim=1), token

@@ -214,9 +214,9 @@ NONSENSE = dict(
     muon_lr=0.0, momentum_warmup=-1, batch_size=0, gradient_accumulation_steps=0, max_iters=0, learning_rate=0.0,
     min_lr=-1e-4, warmup_iters=-2, lr_decay_iters=0, weight_decay=-0.1, beta1=1.0, beta2=1.5, grad_clip=-1.0,
     eval_interval=0, eval_iters=0, log_interval=0, num_samples=0, max_new_tokens=0, temperature=-0.5, top_k=0,
-    top_p=0.0, preset="gpu", export_dir=" ", activation="tanh", softcap=-1.0,
+    top_p=0.0, preset="gpu", export_dir=" ",
 )
-ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "qk_norm", "value_embed", "polar_express"}
+ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed"}
 BAD_COMBINATIONS = {  # the keys of each rule in config.combinations -> flags that break it
     ("n_embd", "n_head"): ["--n_head=5"],
     ("warmup_iters", "lr_decay_iters"): ["--warmup_iters=100", "--lr_decay_iters=50"],
@@ -727,7 +727,7 @@ def same_weights(a, b):
 
 def test_resume_equals_an_uninterrupted_run(demo_data, tmp_path):
     data_dir, _ = demo_data
-    common = dict(warmup_iters=2, lr_decay_iters=10, dropout=0.1, eval_interval=5)
+    common = dict(warmup_iters=2, lr_decay_iters=10, dropout=0.1, eval_interval=5, value_embed=True)
     straight = train_tiny(data_dir, tmp_path / "a", max_iters=10, **common)
     train_tiny(data_dir, tmp_path / "b", max_iters=4, **common)
     resumed = train_tiny(data_dir, tmp_path / "b", chosen={"max_iters", "init_from"}, max_iters=10, init_from="resume",
@@ -1060,7 +1060,8 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(demo_data, tmp_path):
 @slow
 def test_ddp_resume_is_exact_with_dropout_and_goes_on_with_another_process_count(demo_data, tmp_path):
     data_dir, _ = demo_data
-    args = [*resumable_args(data_dir), "--dropout=0.1", "--eval_interval=3", "--gradient_accumulation_steps=2"]
+    args = [*resumable_args(data_dir), "--dropout=0.1", "--eval_interval=3", "--gradient_accumulation_steps=2",
+            "--value_embed=True"]
     train_py = os.path.join(HERE, "train.py")
     r = torchrun(train_py, *args, "--max_iters=6", f"--out_dir={tmp_path / 'straight'}")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -1343,6 +1344,23 @@ def test_kv_cache_matches_recomputation_within_and_past_the_context(trained, pro
     assert torch.equal(tokens, tokens2)
     assert torch.allclose(logits, logits2, atol=1e-4)
     assert logits.shape == (45, 2, V)  # padded ids are never offered
+
+
+def test_value_embeddings_keep_the_cache_exact_and_the_counts_right():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_MODEL, vocab_size=300, value_embed=True)).eval()
+    n_params, n_total = model.num_params()
+    assert n_total - n_params == 2 * model.config.padded_vocab_size * 32 + 16 * 32  # wte, vte, wpe: embeddings
+    # the lookup costs no FLOPs; the gates (one a layer) a few
+    assert model.flops_per_token() == GPT(GPTConfig(**TINY_MODEL, vocab_size=300)).flops_per_token() + 6 * 2
+    x = torch.randint(0, 300, (2, 6))
+    before = model(x)[0]
+    for block in model.h:  # the gates start at 0: the model starts as one without value embeddings
+        block.attn.ve_gate.data.fill_(0.5)
+    assert not torch.allclose(before, model(x)[0])
+    tokens, logits = steps(model, x, 30, use_cache=True)  # past the context of 16 too
+    tokens2, logits2 = steps(model, x, 30, use_cache=False)
+    assert torch.equal(tokens, tokens2) and torch.allclose(logits, logits2, atol=1e-4)
 
 
 def test_cache_with_a_past_and_several_new_tokens(trained):

@@ -133,9 +133,9 @@ def set_lr(optimizers, step, cfg):
         peak = cfg["muon_lr"] if isinstance(optimizer, Muon) else cfg["learning_rate"]
         for group in optimizer.param_groups:
             group["lr"] = peak * scale
-            if isinstance(optimizer, Muon):
-                group["momentum"] = 0.85 + 0.10 * min(step / cfg["momentum_warmup"], 1) if cfg["momentum_warmup"] else 0.95
-                group["polar"] = cfg["polar_express"]
+            if isinstance(optimizer, Muon):  # Muon's momentum rises from 0.85 to 0.95 (modded-nanogpt)
+                warmup = cfg["momentum_warmup"]
+                group["momentum"] = 0.85 + 0.10 * min(step / warmup, 1) if warmup else 0.95
 
 
 class Muon(torch.optim.Optimizer):
@@ -163,32 +163,24 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"])  # Nesterov: the momentum one step ahead
                 rows, cols = p.shape
-                polar = group.get("polar", False)
                 if rows == 3 * cols:  # c_attn holds the query, key and value maps: three matrices
-                    update = orthogonalize(update.view(3, cols, cols), polar=polar).view_as(p)
+                    update = orthogonalize(update.view(3, cols, cols)).view_as(p)
                 else:  # a tall matrix's orthogonal update has smaller entries: scale it back up
-                    update = orthogonalize(update, polar=polar) * max(1, rows / cols) ** 0.5
+                    update = orthogonalize(update) * max(1, rows / cols) ** 0.5
                 p.add_(update, alpha=-group["lr"])
 
 
-POLAR_EXPRESS = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
-                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
-
-
-def orthogonalize(G, steps=5, polar=False):
+def orthogonalize(G, steps=5):
     """
     About U V^T for G = U S V^T (also for a batch of matrices): the quintic Newton-Schulz iteration of
     modded-nanogpt, whose coefficients push every singular value into roughly [0.7, 1.2] in five steps, which
     is as good as exact for an update and far cheaper than an SVD.
     """
-    coefficients = POLAR_EXPRESS if polar else [(3.4445, -4.7750, 2.0315)] * steps
+    a, b, c = 3.4445, -4.7750, 2.0315
     wide = G.size(-2) <= G.size(-1)
     X = G if wide else G.mT  # iterate on the small Gram matrix X X^T
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * (1.02 if polar else 1) + 1e-7)  # every singular value <= 1
-    for a, b, c in coefficients:
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # every singular value <= 1
+    for _ in range(steps):
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X if wide else X.mT
@@ -592,7 +584,7 @@ def train(cfg, chosen=()):
     tokens_per_iter = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
     if master:
         n_params, n_total = model.num_params()
-        print(f"model: {n_params / 1e6:.2f}M parameters besides the token and position embeddings, "
+        print(f"model: {n_params / 1e6:.2f}M parameters besides the embeddings, "
               f"{n_total / 1e6:.2f}M in all (the head is tied to the {meta['vocab_size']:,}-token embedding)\n"
               f"tokens per step: {tokens_per_iter:,} = {grad_accum} accumulation x {world} processes x "
               f"{cfg['batch_size']} batch x {cfg['block_size']} tokens; on {device} in {dtype}")
