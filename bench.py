@@ -138,11 +138,13 @@ print("RESULT", tokens, seconds, counting, peak_kb)
 """
 
 
-def bench_prepare(data, vocab_size=8192, repeats=(16, 64)):
+def bench_prepare(data, vocab_size=None, repeats=(16, 64)):
     """prepare.py on the stories repeated (so the run is long enough to time), counting pass included, against
     tiktoken's own ceiling with the same vocabulary: encode_ordinary_batch on every core, the text in memory."""
+    import config
     from tokenizer import get_tokenizer
 
+    vocab_size = vocab_size or config.DATA["vocab_size"]
     stories = read_stories(data)
     print(f"prepare: {len(stories):,} stories from {data}, a {vocab_size:,}-token vocabulary; machine: {machine()}")
     print("| input | tokens | prepare.py tok/s (counting included) | of which counting | tiktoken ceiling tok/s | ratio | peak RSS |")
@@ -715,43 +717,76 @@ BUDGET_STEPS = 600
 CPU_BEFORE = ["--optimizer=muon", "--muon_lr=0.02", "--learning_rate=0.04", "--min_lr=0.004", "--weight_decay=0.0",
               "--n_layer=4", "--n_head=4", "--n_embd=96", "--batch_size=32", "--block_size=64", "--eval_interval=200",
               "--eval_iters=5", "--momentum_warmup=0"]
+# the same with Muon's momentum warmup, the base of the shape and architecture rows
+CPU_MW = CPU_BEFORE[:-1]
 # The tutorial this project started from, in train.py's flags: AdamW 1e-4 with weight decay 0.1, rising along a
-# cosine to 5e-4 (its CosineAnnealingLR's eta_min is above its LR) after a 5% warmup, dropout 0.1, biases, gradient
-# clipping at 0.5. What train.py does not copy: its AdamW eps of 1e-9, its decay of LayerNorm gains and biases, its
-# exact (erf) GELU and its warmup from a third of the LR; at the old cpu budget these moved the loss by less than
-# 0.01 nats (RESULTS.md).
+# cosine to 5e-4 (its CosineAnnealingLR's eta_min is above its LR), dropout 0.1, biases, gradient clipping at 0.5.
+# What train.py does not copy: its 5% warmup (train.py warms for 2% of the steps), its AdamW eps of 1e-9, its decay
+# of LayerNorm gains and biases, its exact (erf) GELU and its warmup from a third of the LR; at the old cpu budget
+# these moved the loss by less than 0.01 nats.
 SEED = ["--optimizer=adamw", "--learning_rate=1e-4", "--min_lr=5e-4", "--weight_decay=0.1", "--dropout=0.1",
         "--bias=True", "--grad_clip=0.5", "--momentum_warmup=0"]
+SEED_SHAPE = BUDGET_FLAGS + ["--eval_interval=200", "--eval_iters=10"]
 # The default model at a batch a CPU can take (16 x 128), for 1.0M tokens a row
 DEFAULT_SHAPE = ["--batch_size=16", "--max_iters=512", "--eval_interval=128", "--eval_iters=10"]
+VOCABS = {"4096": 4096, "8192": 8192, "16384": 16384, "gpt2": 50257}
 
 # name -> (what, vocabulary size, train.py flags or "bigram"/"trigram", budget in units of the budget above, or
 # None for the flags' own max_iters)
-QUALITY_ROWS = {
-    "bigram": ("interpolated bigram counts (Jelinek-Mercer)", 8192, "bigram", None),
-    "trigram": ("interpolated Kneser-Ney trigram counts", 8192, "trigram", None),
-    "bigram-gpt2": ("interpolated bigram counts (Jelinek-Mercer)", 50257, "bigram", None),
-    "trigram-gpt2": ("interpolated Kneser-Ney trigram counts", 50257, "trigram", None),
-    "seed": ("the tutorial's recipe, at the old cpu preset's shape", 8192, [*BUDGET_FLAGS, *SEED], 1),
-    "seed-gpt2": ("the tutorial's recipe, at the old cpu preset's shape", 50257, [*BUDGET_FLAGS, *SEED], 1),
-    # --preset=cpu as it was, on each vocabulary
-    "cpu-before": ("--preset=cpu before the compact vocabulary, as it was", 50257, [*CPU_BEFORE, "--max_iters=411"], None),
+QUALITY_ROWS = {}
+for name, size in VOCABS.items():
+    QUALITY_ROWS[f"bigram-{name}"] = ("interpolated bigram counts (Jelinek-Mercer)", size, "bigram", None)
+    QUALITY_ROWS[f"trigram-{name}"] = ("interpolated Kneser-Ney trigram counts", size, "trigram", None)
+    QUALITY_ROWS[f"seed-{name}"] = ("the tutorial's recipe, 4 layers, 128 wide, 16 x 64", size, [*SEED_SHAPE, *SEED], 1)
+QUALITY_ROWS.update({
+    # the vocabulary, at --preset=cpu's recipe as it was
+    "cpu-before": ("--preset=cpu before the compact vocabulary, as it was", 50257, [*CPU_BEFORE, "--max_iters=411"],
+                   None),
     "vocab-4096": ("cpu-before on 4,096 tokens: more steps for the budget", 4096, CPU_BEFORE, 1),
     "vocab-8192": ("cpu-before on 8,192 tokens", 8192, CPU_BEFORE, 1),
     "vocab-16384": ("cpu-before on 16,384 tokens", 16384, CPU_BEFORE, 1),
-    "preset": ("--preset=cpu", 8192, ["--preset=cpu"], None),
-    "preset-long": ("--preset=cpu_long", 8192, ["--preset=cpu_long"], None),
+    # then one change at a time, on 8,192 tokens
+    "momentum-warmup": ("vocab-8192 with Muon's momentum warmup", 8192, CPU_MW, 1),
+    "momentum-warmup-4096": ("vocab-4096 with Muon's momentum warmup", 4096, CPU_MW, 1),
+    "width-128": ("momentum-warmup, 128 wide", 8192, [*CPU_MW, "--n_embd=128"], 1),
+    "width-192": ("momentum-warmup, 192 wide", 8192, [*CPU_MW, "--n_embd=192"], 1),
+    "depth-6": ("momentum-warmup, 6 layers 128 wide", 8192, [*CPU_MW, "--n_embd=128", "--n_layer=6"], 1),
+    "heads-2": ("momentum-warmup, 2 heads", 8192, [*CPU_MW, "--n_head=2"], 1),
+    "muon-0.03": ("momentum-warmup, Muon's LR 0.03", 8192, [*CPU_MW, "--muon_lr=0.03"], 1),
+    "adamw-0.06": ("momentum-warmup, AdamW's LR 0.06", 8192, [*CPU_MW, "--learning_rate=0.06", "--min_lr=0.006"], 1),
+    "value-embed": ("momentum-warmup with value embeddings", 8192, [*CPU_MW, "--value_embed=True"], 1),
+    "batch-64": ("momentum-warmup, 64 x 64 tokens a step", 8192, [*CPU_MW, "--batch_size=64"], 1),
+    "context-128": ("momentum-warmup, 16 x 128 tokens a step", 8192, [*CPU_MW, "--batch_size=16", "--block_size=128"], 1),
+    "batch-32x128": ("momentum-warmup, 32 x 128 tokens a step", 8192, [*CPU_MW, "--block_size=128"], 1),
+    "batch-64x128": ("momentum-warmup, 64 x 128 tokens a step", 8192, [*CPU_MW, "--batch_size=64", "--block_size=128"],
+                     1),
+    "batch-32x128-muon-0.015": ("batch-32x128, Muon's LR 0.015", 8192, [*CPU_MW, "--block_size=128", "--muon_lr=0.015"],
+                                1),
+    "batch-32x128-ve": ("batch-32x128 with value embeddings", 8192, [*CPU_MW, "--block_size=128", "--value_embed=True"],
+                        1),
+    "batch-32x128-4096": ("batch-32x128 on 4,096 tokens", 4096, [*CPU_MW, "--block_size=128"], 1),
+    "batch-32x128-4096-ve": ("batch-32x128 on 4,096 tokens with value embeddings", 4096,
+                             [*CPU_MW, "--block_size=128", "--value_embed=True"], 1),
+    # the presets as a user runs them: 1,000 steps fit the previous preset's wall time
+    "preset": ("--preset=cpu", 4096, ["--preset=cpu"], None),
+    "preset-no-ve": ("--preset=cpu without value embeddings", 4096, ["--preset=cpu", "--value_embed=False"], None),
+    "preset-long": ("--preset=cpu_long", 4096, ["--preset=cpu_long"], None),
+    "preset-long-128": ("--preset=cpu_long, 128 wide, for the same FLOPs", 4096,
+                        ["--preset=cpu_long", "--n_embd=128", "--max_iters=1944"], None),
     # the default model, 1.0M tokens at batch 16 x 128
-    "default": ("the default recipe: Muon 0.02, AdamW 0.02, weight decay 0.1", 8192, DEFAULT_SHAPE, None),
-    "default-nanogpt": ("nanoGPT's: AdamW 6e-4 for everything, cosine to 6e-5", 8192,
-                        [*DEFAULT_SHAPE, "--optimizer=adamw", "--learning_rate=6e-4", "--min_lr=6e-5", "--momentum_warmup=0"], None),
-    "default-adamw-0.01": ("default, AdamW's LR 0.01", 8192, [*DEFAULT_SHAPE, "--learning_rate=0.01", "--min_lr=0.001"], None),
-    "default-adamw-0.04": ("default, AdamW's LR 0.04", 8192, [*DEFAULT_SHAPE, "--learning_rate=0.04", "--min_lr=0.004"], None),
-    "default-muon-0.01": ("default, Muon's LR 0.01", 8192, [*DEFAULT_SHAPE, "--muon_lr=0.01"], None),
-    "default-muon-0.04": ("default, Muon's LR 0.04", 8192, [*DEFAULT_SHAPE, "--muon_lr=0.04"], None),
-    "default-seed": ("the tutorial's recipe at the default shape", 8192, [*DEFAULT_SHAPE, *SEED], None),
-}
-DEFAULT_ROWS = ["bigram", "trigram", "seed", "cpu-before", "preset", "preset-long"]
+    "default": ("the default recipe: Muon 0.02, AdamW 0.02, weight decay 0.1", 4096, DEFAULT_SHAPE, None),
+    "default-nanogpt": ("nanoGPT's: AdamW 6e-4 for everything, cosine to 6e-5", 4096,
+                        [*DEFAULT_SHAPE, "--optimizer=adamw", "--learning_rate=6e-4", "--min_lr=6e-5",
+                         "--momentum_warmup=0"], None),
+    "default-adamw-0.01": ("default, AdamW's LR 0.01", 4096, [*DEFAULT_SHAPE, "--learning_rate=0.01", "--min_lr=0.001"],
+                           None),
+    "default-adamw-0.04": ("default, AdamW's LR 0.04", 4096, [*DEFAULT_SHAPE, "--learning_rate=0.04", "--min_lr=0.004"],
+                           None),
+    "default-muon-0.01": ("default, Muon's LR 0.01", 4096, [*DEFAULT_SHAPE, "--muon_lr=0.01"], None),
+    "default-muon-0.04": ("default, Muon's LR 0.04", 4096, [*DEFAULT_SHAPE, "--muon_lr=0.04"], None),
+    "default-seed": ("the tutorial's recipe at the default shape", 4096, [*DEFAULT_SHAPE, *SEED], None),
+})
+DEFAULT_ROWS = ["bigram-4096", "trigram-4096", "seed-4096", "cpu-before", "preset", "preset-long"]
 
 
 def flops_per_step(flags, vocab_size):
@@ -870,7 +905,7 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
             data = os.path.join(tmp, "data")
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 prepare.prepare(dict(dataset=prepare.DEMO_CORPUS, data_dir=data, val_fraction=0.05, force=False,
-                                     vocab_size=8192))
+                                     vocab_size=4096))
         flags = [f"--{k}={v}" for k, v in shape.items()] + [f"--batch_size={batch}", f"--data_dir={data}"]
         steps = max(10, min(5000, round(train_seconds * rate / (batch * model_config.block_size))))
         report["training"] = []

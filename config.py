@@ -15,7 +15,7 @@ import sys
 DATA = dict(
     dataset="roneneldan/TinyStories",  # Hugging Face name, or a local .txt/.txt.gz/.jsonl/.json/.parquet file or dir
     val_fraction=0.05,  # a single local file: every round(1/val_fraction)-th story goes to validation
-    vocab_size=8192,  # GPT-2's most used tokens in the train text (tokenizer.py); 50257 keeps all of GPT-2's
+    vocab_size=4096,  # GPT-2's most used tokens in the train text (tokenizer.py); 50257 keeps all of GPT-2's
     force=False,  # prepare.py: rebuild the bins even if they are up to date
 )
 PATHS = dict(
@@ -48,7 +48,7 @@ TRAINING = dict(
     # model on a GPU they are carried over, not yet measured: AdamW's LR is halved for a 4x wider embedding.
     optimizer="muon",  # muon: Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW for everything
     learning_rate=0.02,  # AdamW's peak LR, after warmup
-    min_lr=0.002,  # AdamW's LR at the end of the cosine (above learning_rate, the cosine rises); Muon's ends at the same fraction of its peak
+    min_lr=0.002,  # AdamW's LR at the end of the cosine (above learning_rate it rises); Muon's ends at the same ratio
     muon_lr=0.02,  # Muon's peak LR, for the blocks' weight matrices; it follows the same schedule
     momentum_warmup=300,  # steps over which Muon's momentum rises from 0.85 to 0.95; 0: 0.95 from the start
     warmup_iters=-1,  # -1: 2% of max_iters
@@ -84,22 +84,20 @@ SCRIPTS = {
 
 # Named overrides, applied before any other flag: `--preset=cpu`.
 presets = dict(
-    # A 2-core laptop: README's main job in at most 10 minutes on a slow machine (about 3 on a fast one). The
-    # budget is the compute of the previous preset (600 steps of 16 x 64 tokens, 128 wide); each choice below was
-    # measured one at a time at that budget by `python bench.py quality` (README, Results; the gains are full-split
-    # validation nats/token): 4.341 for the previous preset, 3.259 for this one (bigram counts: 3.901)
+    # A 2-core laptop: about 10 minutes on the slowest machines of this kind, 4 on a fast one. Each value won a row
+    # of `python bench.py quality` at equal compute (RESULTS.md), named after the value.
     cpu=dict(
-        optimizer="muon", muon_lr=0.02,  # Muon for the blocks' matrices, not AdamW 3e-3: -0.86
-        learning_rate=0.04, min_lr=0.004,  # AdamW for embeddings and gains at 0.04, not 3e-3: -0.13
-        weight_decay=0.0,  # none at this budget, not 0.1: -0.015
-        n_layer=4, n_head=4, n_embd=96,  # 96 wide, not 128: the 50K-row head costs less, more tokens fit: -0.055
-        batch_size=32, block_size=64,  # 32 x 64 tokens a step, not 16 x 64: -0.03
-        max_iters=411,  # 411 steps of this model cost the FLOPs of 600 steps of 16 x 64 tokens at 128 wide
-        eval_interval=200, eval_iters=5, compile=False,
+        optimizer="muon", muon_lr=0.02,  # Muon for the blocks' matrices, not AdamW 3e-3: row seed
+        learning_rate=0.04, min_lr=0.004, weight_decay=0.0,  # AdamW for embeddings and gains: row cpu-before
+        n_layer=4, n_head=4, n_embd=96,  # rows width-128, width-192, depth-6
+        value_embed=True,  # row value-embed (ReLU^2, QK-norm, soft-capping, Polar Express did not win)
+        batch_size=32, block_size=128,  # rows batch-*, context-128
+        max_iters=1000,  # what fits in the previous preset's wall time with the 4,096-token head: row preset
+        eval_interval=250, eval_iters=5, compile=False,
     ),
 )
-# The longer budget, about 30 minutes on a slow machine: the same recipe for three times the steps.
-presets["cpu_long"] = {**presets["cpu"], "max_iters": 1233, "eval_interval": 400}
+# About half an hour on the slowest machines: the same recipe for three times the steps, row preset-long
+presets["cpu_long"] = {**presets["cpu"], "max_iters": 3000, "eval_interval": 500}
 
 
 # What each key accepts beyond its type (parse_args checks that): key -> (test, what is valid). Every key has

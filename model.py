@@ -19,7 +19,7 @@ from config import UserError
 @dataclass
 class GPTConfig:
     block_size: int = 128  # context length
-    vocab_size: int = 8192  # from the data (prepare.py's meta.json); the embedding is padded, see padded_vocab_size
+    vocab_size: int = 4096  # from the data (prepare.py's meta.json); the embedding is padded, see padded_vocab_size
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
@@ -119,8 +119,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     The loss is the last node of the graph, so its gradients are known during the forward pass: we take the
     rows in chunks, compute each chunk's logits, log-sum-exp and softmax - onehot in place, and accumulate dx
     and dw right away. Backward only scales them. On a CPU this saves several passes over the logits per step
-    (bench.py train: the step of --preset=cpu runs 1.7x faster, the default model's 1.1x). Chunks of 512 rows
-    were the fastest of 128 to 2048 for both (RESULTS.md). Under torch.no_grad (evaluation) it skips the gradients.
+    (bench.py train compares it with the plain loss); chunks of 512 rows were the fastest of 128 to 2048 with a
+    compact head (RESULTS.md). Under torch.no_grad (evaluation) it skips the gradients.
     """
 
     @staticmethod
@@ -168,8 +168,8 @@ class GPT(nn.Module):
         if config.value_embed:
             # Value embeddings (modded-nanogpt): each token's own vector, added with a learned per-layer weight to
             # the values its position offers the attention of every layer, so a layer can pass on which token a
-            # position holds without the residual stream carrying it. A lookup: no FLOPs. -0.02 bits/byte at
-            # --preset=cpu (RESULTS.md); GPT-2 has no such thing, so such a model does not export to transformers.
+            # position holds without the residual stream carrying it. A lookup: no FLOPs (RESULTS.md, value-embed).
+            # GPT-2 has no such thing, so such a model does not export to transformers.
             self.vte = nn.Embedding(config.padded_vocab_size, config.n_embd)
         self.fused_loss = False  # FusedLinearCrossEntropy: faster on CPU, where train.py turns it on
         self._head, self._head_key = None, None  # see decoding_head
@@ -239,9 +239,9 @@ class GPT(nn.Module):
 
     def decoding_head(self):
         """
-        The tied head as an (n_embd, vocab) copy without the padded ids, so they are never sampled. The head
-        is 2/3 of all weights, and at batch 1 a CPU reads it about twice as fast in this layout (bench.py
-        sample). The copy takes ~70 ms, so it is kept until the weights change (in-place updates bump _version).
+        The tied head as an (n_embd, vocab) copy without the padded ids, so they are never sampled. With GPT-2's
+        whole vocabulary the head is 2/3 of all weights, and at batch 1 a CPU reads it faster in this layout
+        (bench.py sample). The copy is kept until the weights change (in-place updates bump _version).
         """
         w = self.lm_head.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)

@@ -816,7 +816,7 @@ def test_train_bad_inputs(demo_data, gpt2_data, tmp_path):
         ([f"--data_dir={data_dir}", "--init_from=resume", f"--out_dir={tmp_path / 'none'}"], "no checkpoint"),
         # a compact-vocabulary checkpoint with GPT-2's bins (and below, the reverse)
         ([f"--data_dir={gpt2_data[0]}", "--init_from=resume", "--max_iters=4"],
-         "was trained on a 8,192-token vocabulary, but the bins in"),
+         f"was trained on a {config.DATA['vocab_size']:,}-token vocabulary, but the bins in"),
         ([f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=4", "--optimizer=adamw"],
          "its optimizer state does not fit --optimizer=adamw"),
     ]
@@ -960,7 +960,7 @@ def test_a_cpu_run_says_what_it_will_cost_before_the_first_evaluation(demo_data,
     note = lines[-1]
     assert not any(line.startswith("step ") for line in lines)
     assert "max_iters=5000" in note and "--preset=cpu" in note and f"eval_iters={train_script.CPU_EVAL_ITERS}" in note
-    assert any("M in all (the head is tied to the 8,192-token embedding)" in line for line in lines)
+    assert any(f"M in all (the head is tied to the {config.DATA['vocab_size']:,}-token embedding)" in line for line in lines)
     assert not (tmp_path / "ckpt.pt").exists()
 
 
@@ -1509,7 +1509,7 @@ def test_eval_only_prints_one_line_bits_per_byte_first(demo_data, trained):
     line = r.stdout.strip().splitlines()[-1]
     assert re.fullmatch(rf"validation \({meta['splits']['validation']['tokens']:,} tokens, "
                         rf"{meta['splits']['validation']['bytes']:,} bytes\): [\d.]+ bits/byte \| loss [\d.]+ "
-                        rf"nats/token \(8,192-token vocabulary\) \| perplexity [\d.]+", line), line
+                        rf"nats/token \({meta['vocab_size']:,}-token vocabulary\) \| perplexity [\d.]+", line), line
 
 
 def test_a_checkpoint_from_another_version_or_shape_is_refused(trained, tmp_path):
@@ -1872,7 +1872,7 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
              "its optimizer state does not fit --optimizer=adamw: resume with the optimizer it was trained with", 1)],
         "`python train.py --init_from=resume` with bins of another vocabulary (`prepare.py --vocab_size=50257`)": [
             ("train.py", tiny + [f"--data_dir={gpt2_data[0]}", "--init_from=resume", "--max_iters=60"],
-             "was trained on a 8,192-token vocabulary, but the bins in", 1)],
+             f"was trained on a {config.DATA['vocab_size']:,}-token vocabulary, but the bins in", 1)],
         "a run whose loss becomes NaN": [
             ("train.py", tiny + [f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=60", "--learning_rate=1e9",
                                  "--muon_lr=1e9"], "training diverged", 1)],

@@ -143,8 +143,8 @@ class Muon(torch.optim.Optimizer):
     Muon (Keller Jordan, 2024, https://kellerjordan.github.io/posts/muon/), as in modded-nanogpt and nanochat:
     SGD with Nesterov momentum whose update of each weight matrix is replaced by the nearest semi-orthogonal
     matrix (U V^T, for the update's SVD U S V^T). Every direction of the matrix then moves at the same rate,
-    where the raw gradient is dominated by a few. Only for the 2-D weights inside the blocks. Measured gain: at the
-    cpu preset's budget, 4.341 -> 3.484 validation nats/token against AdamW alone (bench.py quality, row +muon).
+    where the raw gradient is dominated by a few. Only for the 2-D weights inside the blocks; against AdamW alone
+    see RESULTS.md.
     """
 
     def __init__(self, params, lr, momentum=0.95):
