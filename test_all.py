@@ -1840,6 +1840,7 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
     torch.save({k: v for k, v in ckpt.items() if k != "version"}, tmp_path / "old" / "ckpt.pt")
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    train_tiny(data_dir, tmp_path / "ve", max_iters=2, value_embed=True)
     o = f"--out_dir={out}"
     # README row -> the runs that check it: (script, args, what stderr's last line says, exit status)
     rows = {
@@ -1900,6 +1901,9 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
         "`python export.py --export_dir=~/photos` holding files export.py did not write": [
             ("export.py", [o, f"--export_dir={tmp_path / 'photos'}"],
              "photos holds files export.py did not write (train.bin): refusing to replace it", 1)],
+        "`python export.py` on a model trained with value embeddings (as `--preset=cpu` trains)": [
+            ("export.py", [f"--out_dir={tmp_path / 've'}"], "has value embeddings (--value_embed=True, as the CPU "
+                                                             "presets train), which GPT-2's architecture lacks", 1)],
         "`python export.py --export_dir=notes.txt`, a file": [
             ("export.py", [o, f"--export_dir={tmp_path / 'notes.txt'}"], "notes.txt is not a folder", 1)],
     }
