@@ -6,8 +6,9 @@ same run, because a shared machine's speed drifts.
     python bench.py prepare --data=PATH       # prepare.py's tokens/s (counting included) vs tiktoken's own ceiling
     python bench.py train [--nanogpt=PATH]    # the training step: train.py's vs a plain loop, and nanoGPT's own
     python bench.py sample                    # generation: sample.py vs the bare decoding loop vs nanoGPT-style
-    python bench.py quality --data=PATH [--rows=a,b|all]   # recipes trained at equal budget, scored on the whole
-                                              # validation split, beside count baselines (each row: minutes)
+    python bench.py quality --data=PATH [--rows=a,b|all] [--out=DIR]   # recipes trained at equal budget, scored
+                                              # on the whole validation split, beside count baselines (each row:
+                                              # minutes); --out keeps each row's run (log.jsonl, loss.png)
     python bench.py gpu [--data=DIR] [--out=DIR]   # every GPU figure in one run; on a CPU, a tiny model in seconds
 
 --data is TinyStories text: a folder of .txt(.gz) files named *train* and *valid* (as prepare.py reads them), or
@@ -756,7 +757,8 @@ QUALITY_ROWS.update({
     "adamw-0.06": ("momentum-warmup, AdamW's LR 0.06", 8192, [*CPU_MW, "--learning_rate=0.06", "--min_lr=0.006"], 1),
     "value-embed": ("momentum-warmup with value embeddings", 8192, [*CPU_MW, "--value_embed=True"], 1),
     "batch-64": ("momentum-warmup, 64 x 64 tokens a step", 8192, [*CPU_MW, "--batch_size=64"], 1),
-    "context-128": ("momentum-warmup, 16 x 128 tokens a step", 8192, [*CPU_MW, "--batch_size=16", "--block_size=128"], 1),
+    "context-128": ("momentum-warmup, 16 x 128 tokens a step", 8192,
+                    [*CPU_MW, "--batch_size=16", "--block_size=128"], 1),
     "batch-32x128": ("momentum-warmup, 32 x 128 tokens a step", 8192, [*CPU_MW, "--block_size=128"], 1),
     "batch-64x128": ("momentum-warmup, 64 x 128 tokens a step", 8192, [*CPU_MW, "--batch_size=64", "--block_size=128"],
                      1),
@@ -802,15 +804,15 @@ def flops_per_step(flags, vocab_size):
     return m.flops_per_token() * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
 
 
-def train_row(name, data_dir, meta, tmp):
-    """One training row, trained and scored as a user would: (tokens, steps, seconds, bits/byte, nats/token)."""
+def train_row(name, data_dir, meta, out):
+    """One training row, trained and scored as a user would: (tokens, steps, seconds, bits/byte, nats/token, the
+    largest rise of the logged training loss above its lowest value so far: a spike, if the recipe has one)."""
     import torch
 
     _, _, flags, budget = QUALITY_ROWS[name]
     if budget is not None:
         steps = budget * BUDGET_STEPS * flops_per_step(BUDGET_FLAGS, 50257) / flops_per_step(flags, meta["vocab_size"])
         flags = [*flags, f"--max_iters={round(steps)}"]
-    out = os.path.join(tmp, name)
     start = time.time()
     run_script("train.py", *flags, "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={out}")
     seconds = time.time() - start
@@ -818,7 +820,10 @@ def train_row(name, data_dir, meta, tmp):
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
     cfg = ckpt["config"]
     tokens = ckpt["step"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-    return tokens, ckpt["step"], seconds, bpb, nats
+    with open(os.path.join(out, "log.jsonl")) as f:
+        losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
+    rise = max((loss - min(losses[:i]) for i, loss in enumerate(losses) if i), default=0.0)
+    return tokens, ckpt["step"], seconds, bpb, nats, rise
 
 
 def count_row(name, data_dir, meta):
@@ -836,28 +841,32 @@ def count_row(name, data_dir, meta):
     return len(train_ids), time.time() - start, bpb, nats.mean()
 
 
-def bench_quality(data, rows):
+def bench_quality(data, rows, keep=None):
+    """Each row trained (or counted) and scored; with keep, the bins and each trained row's out_dir stay there
+    (checkpoints, log.jsonl, loss.png)."""
     import prepare
 
     print(f"quality: trained on the train files of {data}, scored on every token of its validation file; "
           f"machine: {machine()}, {os.environ.get('OMP_NUM_THREADS', 'all')} threads")
-    print("| row | what | vocabulary | tokens | steps | wall time | bits/byte | nats/token |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | what | vocabulary | tokens | steps | wall time | bits/byte | nats/token | largest loss rise |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in rows:
             what, vocab_size, flags, _ = QUALITY_ROWS[name]
-            data_dir = os.path.join(tmp, f"data_{vocab_size}")
+            data_dir = os.path.join(keep or tmp, f"data_{vocab_size}")
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 meta = prepare.prepare(dict(dataset=data, data_dir=data_dir, val_fraction=0.05, force=False,
                                             vocab_size=vocab_size))
             if flags in ("bigram", "trigram"):
                 tokens, seconds, bpb, nats = count_row(name, data_dir, meta)
-                steps = ""
+                steps = rise = ""
             else:
-                tokens, steps, seconds, bpb, nats = train_row(name, data_dir, meta, tmp)
+                tokens, steps, seconds, bpb, nats, rise = train_row(name, data_dir, meta,
+                                                                     os.path.join(keep or tmp, name))
+                rise = f"{rise:.2f}"
             wall = f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
             print(f"| {name} | {what} | {vocab_size:,} | {tokens / 1e6:.2f}M | {steps} | {wall} | {bpb:.3f} | "
-                  f"{nats:.3f} |", flush=True)
+                  f"{nats:.3f} | {rise} |", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -973,7 +982,7 @@ def main(argv):
         elif section == "sample":
             bench_sample()
         elif section == "quality":
-            bench_quality(options["data"], rows)
+            bench_quality(options["data"], rows, keep=options.get("out"))
         else:
             bench_gpu(options.get("out", "bench_gpu"), options.get("data"))
         print()

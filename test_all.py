@@ -1760,6 +1760,26 @@ def test_every_quality_row_is_train_py_flags_that_parse():
     assert set(bench.DEFAULT_ROWS) <= set(bench.QUALITY_ROWS)
 
 
+def test_bench_quality_trains_scores_and_keeps_each_row(tmp_path, capsys, monkeypatch):
+    import bench
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the rows' train.py processes inherit it
+    rows = {"tiny": ("a tiny model", 300, [*TINY_ARGS, "--max_iters=6", "--eval_interval=3"], None),
+            "tiny-bigram": ("bigram counts", 300, "bigram", None)}
+    monkeypatch.setattr(bench, "QUALITY_ROWS", rows)
+    bench.bench_quality(prepare.DEMO_CORPUS, list(rows), keep=str(tmp_path / "kept"))
+    table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
+    assert [cells[0] for cells in table] == ["| tiny", "| tiny-bigram"]
+    trained, counted = table
+    assert trained[4] == "6" and float(trained[8].rstrip(" |")) >= 0  # its steps, and the largest loss rise
+    assert 0 < float(trained[6]) < 8 and 0 < float(counted[6]) < 8  # bits/byte: better than knowing nothing
+    # the row's run is kept as train.py left it, and its score is the one --eval_only gives
+    assert {"ckpt.pt", "log.jsonl", "loss.png"} <= set(os.listdir(tmp_path / "kept" / "tiny"))
+    r = run("train.py", f"--out_dir={tmp_path / 'kept' / 'tiny'}", "--init_from=resume", "--eval_only=True")
+    assert r.returncode == 0, r.stderr
+    assert f"{bench.scores(r.stdout)[0]:.3f}" == trained[6]
+
+
 @slow
 @needs_cpp
 def test_bench_train_runs_the_gpu_branches_on_a_cpu(capsys):
