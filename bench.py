@@ -773,8 +773,6 @@ QUALITY_ROWS.update({
     "preset": ("--preset=cpu", 4096, ["--preset=cpu"], None),
     "preset-no-ve": ("--preset=cpu without value embeddings", 4096, ["--preset=cpu", "--value_embed=False"], None),
     "preset-long": ("--preset=cpu_long", 4096, ["--preset=cpu_long"], None),
-    "preset-long-128": ("--preset=cpu_long, 128 wide, for the same FLOPs", 4096,
-                        ["--preset=cpu_long", "--n_embd=128", "--max_iters=1944"], None),
     # the default model, 1.0M tokens at batch 16 x 128
     "default": ("the default recipe: Muon 0.02, AdamW 0.02, weight decay 0.1", 4096, DEFAULT_SHAPE, None),
     "default-nanogpt": ("nanoGPT's: AdamW 6e-4 for everything, cosine to 6e-5", 4096,
