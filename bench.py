@@ -738,8 +738,9 @@ QUALITY_ROWS = {}
 for name, size in VOCABS.items():
     QUALITY_ROWS[f"bigram-{name}"] = ("interpolated bigram counts (Jelinek-Mercer)", size, "bigram", None)
     QUALITY_ROWS[f"trigram-{name}"] = ("interpolated Kneser-Ney trigram counts", size, "trigram", None)
-    QUALITY_ROWS[f"seed-{name}"] = ("the tutorial's recipe, 4 layers, 128 wide, 16 x 64", size, [*SEED_SHAPE, *SEED], 1)
 QUALITY_ROWS.update({
+    "seed-4096": ("the tutorial's recipe, 4 layers, 128 wide, 16 x 64", 4096, [*SEED_SHAPE, *SEED], 1),
+    "seed-gpt2": ("the tutorial's recipe on GPT-2's vocabulary", 50257, [*SEED_SHAPE, *SEED], 1),
     # the vocabulary, at --preset=cpu's recipe as it was
     "cpu-before": ("--preset=cpu before the compact vocabulary, as it was", 50257, [*CPU_BEFORE, "--max_iters=411"],
                    None),
