@@ -84,11 +84,11 @@ SCRIPTS = {
 
 # Named overrides, applied before any other flag: `--preset=cpu`.
 presets = dict(
-    # A 2-core laptop: about 10 minutes on the slowest machines of this kind, 4 on a fast one. Each value won a row
-    # of `python bench.py quality` at equal compute (RESULTS.md), named after the value.
+    # A 2-core laptop: about 10 minutes on the slowest machines of this kind, 4 on a fast one. Each value beat the
+    # `python bench.py quality` rows named beside it, at equal compute (RESULTS.md).
     cpu=dict(
-        optimizer="muon", muon_lr=0.02,  # Muon for the blocks' matrices, not AdamW 3e-3: row seed
-        learning_rate=0.04, min_lr=0.004, weight_decay=0.0,  # AdamW for embeddings and gains: row cpu-before
+        optimizer="muon", muon_lr=0.02,  # rows muon-0.03, batch-32x128-muon-0.015 (and RESULTS.md's earlier rows)
+        learning_rate=0.04, min_lr=0.004, weight_decay=0.0,  # rows adamw-0.06 (and RESULTS.md's earlier rows)
         n_layer=4, n_head=4, n_embd=96,  # rows width-128, width-192, depth-6
         value_embed=True,  # row value-embed (ReLU^2, QK-norm, soft-capping, Polar Express did not win)
         batch_size=32, block_size=128,  # rows batch-*, context-128
