@@ -16,6 +16,7 @@ for `gpu` a data_dir prepare.py wrote. --nanogpt is a checkout of github.com/kar
 """
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -821,7 +822,8 @@ def train_row(name, data_dir, meta, out):
     tokens = ckpt["step"] * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
     with open(os.path.join(out, "log.jsonl")) as f:
         losses = [row["loss"] for row in map(json.loads, f) if "loss" in row]
-    rise = max((loss - min(losses[:i]) for i, loss in enumerate(losses) if i), default=0.0)
+    lowest_before = itertools.accumulate(losses, min)
+    rise = max((loss - low for loss, low in zip(losses[1:], lowest_before)), default=0.0)
     return tokens, ckpt["step"], seconds, bpb, nats, rise
 
 
@@ -885,6 +887,7 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
     """
     import torch
 
+    import config
     import prepare
     import train
     from model import GPTConfig
@@ -913,7 +916,7 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
             data = os.path.join(tmp, "data")
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 prepare.prepare(dict(dataset=prepare.DEMO_CORPUS, data_dir=data, val_fraction=0.05, force=False,
-                                     vocab_size=4096))
+                                     vocab_size=config.DATA["vocab_size"]))
         flags = [f"--{k}={v}" for k, v in shape.items()] + [f"--batch_size={batch}", f"--data_dir={data}"]
         steps = max(10, min(5000, round(train_seconds * rate / (batch * model_config.block_size))))
         report["training"] = []
@@ -973,7 +976,7 @@ def main(argv):
 
                 cpu = config.presets["cpu"]
                 print()
-                bench_train(model_config=GPTConfig(**{k: cpu[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}),
+                bench_train(model_config=GPTConfig(**{k: cpu.get(k, v) for k, v in config.MODEL.items()}),
                             batch_size=cpu["batch_size"], steps=10)
             if "nanogpt" in options:
                 print()
