@@ -729,6 +729,9 @@ CPU_MW = CPU_BEFORE[:-1]
 SEED = ["--optimizer=adamw", "--learning_rate=1e-4", "--min_lr=5e-4", "--weight_decay=0.1", "--dropout=0.1",
         "--bias=True", "--grad_clip=0.5", "--momentum_warmup=0"]
 SEED_SHAPE = BUDGET_FLAGS + ["--eval_interval=200", "--eval_iters=10"]
+# --preset=cpu_long as it was: the base of the long-* rows
+LONG_BEFORE = ["--preset=cpu", "--max_iters=3000", "--eval_interval=500"]
+LONG_256 = [*LONG_BEFORE, "--batch_size=16", "--block_size=256"]
 # The default model at a batch a CPU can take (16 x 128), for 1.0M tokens a row
 DEFAULT_SHAPE = ["--batch_size=16", "--max_iters=512", "--eval_interval=128", "--eval_iters=10"]
 VOCABS = {"4096": 4096, "8192": 8192, "16384": 16384, "gpt2": 50257}
@@ -774,7 +777,26 @@ QUALITY_ROWS.update({
     # the presets as a user runs them: 1,000 steps fit the previous preset's wall time
     "preset": ("--preset=cpu", 4096, ["--preset=cpu"], None),
     "preset-no-ve": ("--preset=cpu without value embeddings", 4096, ["--preset=cpu", "--value_embed=False"], None),
-    "preset-long": ("--preset=cpu_long", 4096, ["--preset=cpu_long"], None),
+    # the long preset: --preset=cpu for three times the steps, then one change at a time for that length; at most
+    # the FLOPs of --preset=cpu_long before the compact vocabulary (1,233 steps of cpu-before's recipe)
+    "long-before": ("--preset=cpu_long as it was: --preset=cpu for 3,000 steps", 4096, LONG_BEFORE, None),
+    "long-context-256": ("long-before at 16 x 256 tokens a step", 4096, LONG_256, None),
+    "long-batch-32x256": ("long-before at 32 x 256 tokens a step, half the steps", 4096,
+                          [*LONG_BEFORE, "--batch_size=32", "--block_size=256", "--max_iters=1500", "--eval_interval=250"],
+                          None),
+    "long-context-256-muon-wd": ("long-context-256, Muon's weight decay 0.1", 4096,
+                                 [*LONG_256, "--muon_weight_decay=0.1"], None),
+    "long-lr-to-zero": ("long-context-256 with an LR that ends at zero", 4096, [*LONG_256, "--min_lr=0.0"], None),
+    "long-muon-wd": ("long-lr-to-zero, Muon's weight decay 0.1", 4096,
+                     [*LONG_256, "--min_lr=0.0", "--muon_weight_decay=0.1"], None),
+    "long-width-128": ("long-lr-to-zero 128 wide, for long-context-256's FLOPs", 4096,
+                       [*LONG_256, "--min_lr=0.0", "--n_embd=128", "--max_iters=1970"], None),
+    "long-width-128-steps": ("long-width-128 for the FLOPs of --preset=cpu_long before the compact vocabulary", 4096,
+                             [*LONG_256, "--min_lr=0.0", "--n_embd=128", "--max_iters=2086"], None),
+    "preset-long": ("--preset=cpu_long: long-width-128-steps, Muon's weight decay 0.1", 4096, ["--preset=cpu_long"],
+                    None),
+    "preset-long-muon-wd-0.2": ("--preset=cpu_long, Muon's weight decay 0.2", 4096,
+                                ["--preset=cpu_long", "--muon_weight_decay=0.2"], None),
     # the default model, 1.0M tokens at batch 16 x 128
     "default": ("the default recipe: Muon 0.02, AdamW 0.02, weight decay 0.1", 4096, DEFAULT_SHAPE, None),
     "default-nanogpt": ("nanoGPT's: AdamW 6e-4 for everything, cosine to 6e-5", 4096,

@@ -54,6 +54,7 @@ TRAINING = dict(
     warmup_iters=-1,  # -1: 2% of max_iters
     lr_decay_iters=-1,  # -1: max_iters
     weight_decay=0.1,  # AdamW's, on its matrices and embeddings only (never norms, biases, or Muon's matrices)
+    muon_weight_decay=0.0,  # Muon's, on the blocks' matrices; both shrink each weight by LR x decay a step
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,  # max global grad norm; 0 disables
@@ -96,8 +97,11 @@ presets = dict(
         eval_interval=250, eval_iters=5, compile=False,
     ),
 )
-# About half an hour on the slowest machines: the same recipe for three times the steps, row preset-long
-presets["cpu_long"] = {**presets["cpu"], "max_iters": 3000, "eval_interval": 500}
+# About half an hour on the slowest machines, the FLOPs of the cpu_long before the compact vocabulary: what pays
+# at that length, one change at a time (rows long-*): a context of 256, an LR that ends at zero, Muon's weight decay,
+# 128 wide (a batch of 32 x 256 and a context of 512 did not)
+presets["cpu_long"] = {**presets["cpu"], "n_embd": 128, "batch_size": 16, "block_size": 256, "min_lr": 0.0,
+                       "muon_weight_decay": 0.1, "max_iters": 2086, "eval_interval": 500}
 
 
 # What each key accepts beyond its type (parse_args checks that): key -> (test, what is valid). Every key has
@@ -134,6 +138,7 @@ rules = dict(
     warmup_iters=(lambda v: v >= -1, "a number of steps >= 0, or -1 for 2% of max_iters"),
     lr_decay_iters=(lambda v: v == -1 or v >= 1, "a number of steps >= 1, or -1 for max_iters"),
     weight_decay=(lambda v: 0 <= v < float("inf"), "a number >= 0"),
+    muon_weight_decay=(lambda v: 0 <= v < float("inf"), "a number >= 0"),
     beta1=(lambda v: 0 <= v < 1, "in [0, 1)"),
     beta2=(lambda v: 0 <= v < 1, "in [0, 1)"),
     grad_clip=(lambda v: 0 <= v < float("inf"), "a number >= 0 (0 disables clipping)"),

@@ -212,7 +212,7 @@ NONSENSE = dict(
     dataset="", val_fraction=1.0, vocab_size=256, data_dir="", out_dir=" ", checkpoint="", device="gpu", dtype="fp8",
     seed=-1, n_layer=0, n_head=0, n_embd=-8, block_size=0, dropout=1.0, init_from="pretrained", optimizer="sgd",
     muon_lr=0.0, momentum_warmup=-1, batch_size=0, gradient_accumulation_steps=0, max_iters=0, learning_rate=0.0,
-    min_lr=-1e-4, warmup_iters=-2, lr_decay_iters=0, weight_decay=-0.1, beta1=1.0, beta2=1.5, grad_clip=-1.0,
+    min_lr=-1e-4, warmup_iters=-2, lr_decay_iters=0, weight_decay=-0.1, muon_weight_decay=-0.1, beta1=1.0, beta2=1.5, grad_clip=-1.0,
     eval_interval=0, eval_iters=0, log_interval=0, num_samples=0, max_new_tokens=0, temperature=-0.5, top_k=0,
     top_p=0.0, preset="gpu", export_dir=" ",
 )
@@ -635,6 +635,20 @@ def test_muon_momentum_warms_up_and_lrs_follow_the_schedule():
     assert momenta == pytest.approx([0.85, 0.90, 0.95, 0.95])
     train_script.set_lr([adamw, muon], 0, {**cfg, "momentum_warmup": 0})
     assert muon.param_groups[0]["momentum"] == 0.95
+
+
+def test_muon_weight_decay_shrinks_the_blocks_matrices_by_lr_times_decay():
+    model = GPT(GPTConfig(**TINY_MODEL, vocab_size=300))
+    for decay in (0.0, 0.1):
+        cfg = {**config.TRAINING, "muon_weight_decay": decay}
+        _, muon = train_script.make_optimizers(model, cfg, torch.device("cpu"))
+        before = [p.detach().clone() for p in muon.param_groups[0]["params"]]
+        for p in muon.param_groups[0]["params"]:
+            p.grad = torch.zeros_like(p)  # no gradient: the update is zero, and only the decay moves a weight
+        muon.step()
+        for p, old in zip(muon.param_groups[0]["params"], before):
+            assert torch.allclose(p, old * (1 - cfg["muon_lr"] * decay))
+        assert decay == 0.0 or not torch.equal(p, old)
 
 
 def test_get_batch(demo_data):

@@ -121,7 +121,7 @@ def make_optimizers(model, cfg, device):
     optimizers = [torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
                                     fused=device.type in ("cuda", "cpu"))]
     if matrices:
-        optimizers.append(Muon(matrices, lr=cfg["muon_lr"]))
+        optimizers.append(Muon(matrices, lr=cfg["muon_lr"], weight_decay=cfg["muon_weight_decay"]))
     return optimizers
 
 
@@ -147,8 +147,8 @@ class Muon(torch.optim.Optimizer):
     see RESULTS.md.
     """
 
-    def __init__(self, params, lr, momentum=0.95):
-        super().__init__(params, dict(lr=lr, momentum=momentum))
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self):
@@ -167,6 +167,7 @@ class Muon(torch.optim.Optimizer):
                     update = orthogonalize(update.view(3, cols, cols)).view_as(p)
                 else:  # a tall matrix's orthogonal update has smaller entries: scale it back up
                     update = orthogonalize(update) * max(1, rows / cols) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled, as AdamW's
                 p.add_(update, alpha=-group["lr"])
 
 
