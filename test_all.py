@@ -212,9 +212,9 @@ NONSENSE = dict(
     dataset="", val_fraction=1.0, vocab_size=256, data_dir="", out_dir=" ", checkpoint="", device="gpu", dtype="fp8",
     seed=-1, n_layer=0, n_head=0, n_embd=-8, block_size=0, dropout=1.0, init_from="pretrained", optimizer="sgd",
     muon_lr=0.0, momentum_warmup=-1, batch_size=0, gradient_accumulation_steps=0, max_iters=0, learning_rate=0.0,
-    min_lr=-1e-4, warmup_iters=-2, lr_decay_iters=0, weight_decay=-0.1, muon_weight_decay=-0.1, beta1=1.0, beta2=1.5, grad_clip=-1.0,
-    eval_interval=0, eval_iters=0, log_interval=0, num_samples=0, max_new_tokens=0, temperature=-0.5, top_k=0,
-    top_p=0.0, preset="gpu", export_dir=" ",
+    min_lr=-1e-4, warmup_iters=-2, lr_decay_iters=0, weight_decay=-0.1, muon_weight_decay=-0.1, beta1=1.0, beta2=1.5,
+    grad_clip=-1.0, eval_interval=0, eval_iters=0, log_interval=0, num_samples=0, max_new_tokens=0, temperature=-0.5,
+    top_k=0, top_p=0.0, preset="gpu", export_dir=" ",
 )
 ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed"}
 BAD_COMBINATIONS = {  # the keys of each rule in config.combinations -> flags that break it
@@ -649,6 +649,24 @@ def test_muon_weight_decay_shrinks_the_blocks_matrices_by_lr_times_decay():
         for p, old in zip(muon.param_groups[0]["params"], before):
             assert torch.allclose(p, old * (1 - cfg["muon_lr"] * decay))
         assert decay == 0.0 or not torch.equal(p, old)
+
+
+def test_a_resumed_run_keeps_the_saved_moments_but_takes_its_own_decay_and_betas():
+    model = GPT(GPTConfig(**TINY_MODEL, vocab_size=300))
+    saved = train_script.make_optimizers(model, config.TRAINING, torch.device("cpu"))
+    model(*torch.randint(0, 300, (2, 2, 16)))[1].backward()
+    for optimizer in saved:
+        optimizer.step()
+    now = {**config.TRAINING, "weight_decay": 0.5, "muon_weight_decay": 0.2, "beta2": 0.99}
+    resumed = train_script.make_optimizers(model, now, torch.device("cpu"))
+    train_script.load_optimizer_state(resumed, [o.state_dict() for o in saved])
+    adamw, muon = resumed
+    assert adamw.param_groups[0]["weight_decay"] == 0.5 and adamw.param_groups[1]["weight_decay"] == 0.0
+    assert all(g["betas"] == (now["beta1"], 0.99) for g in adamw.param_groups)
+    assert muon.param_groups[0]["weight_decay"] == 0.2
+    for new, old in zip(resumed, saved):  # the moments are the checkpoint's
+        for p in old.state:
+            assert all(torch.equal(v, new.state[p][k]) for k, v in old.state[p].items())
 
 
 def test_get_batch(demo_data):

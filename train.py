@@ -138,6 +138,16 @@ def set_lr(optimizers, step, cfg):
                 group["momentum"] = 0.85 + 0.10 * min(step / warmup, 1) if warmup else 0.95
 
 
+def load_optimizer_state(optimizers, states):
+    """The checkpoint's moments and step counts, with this run's settings (weight decay, betas): load_state_dict
+    would bring back the saved ones too, and a flag given on resume would silently do nothing."""
+    for optimizer, state in zip(optimizers, states, strict=True):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, ours in zip(optimizer.param_groups, settings, strict=True):
+            group.update(ours)
+
+
 class Muon(torch.optim.Optimizer):
     """
     Muon (Keller Jordan, 2024, https://kellerjordan.github.io/posts/muon/), as in modded-nanogpt and nanochat:
@@ -539,8 +549,7 @@ class Run:
     def resume(self, ckpt):
         """Continue from the checkpoint: its optimizer state, step and RNGs."""
         try:
-            for optimizer, state in zip(self.optimizers, ckpt["optimizer"], strict=True):
-                optimizer.load_state_dict(state)
+            load_optimizer_state(self.optimizers, ckpt["optimizer"])
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{self.ckpt_path}: its optimizer state does not fit --optimizer={self.cfg['optimizer']}: "
                             f"resume with the optimizer it was trained with, or start from scratch")
