@@ -218,16 +218,14 @@ def bench_vocab(data, sizes=(4096, 8192, 16384), samples_mb=(2, 4, 8)):
 
 
 class RandomTokens:
-    """Stands in for train.py's Bin: windows of random token ids, so the benchmark needs no prepared data."""
+    """Stands in for train.py's Bin: random token ids, so the benchmark needs no prepared data."""
 
     def __init__(self, vocab_size, num_tokens=1 << 20):
-        import torch
-
-        self.tokens = torch.randint(0, vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(0))
+        self.ids = np.random.default_rng(0).integers(0, vocab_size, num_tokens, dtype=np.uint16)
         self.num_tokens = num_tokens
 
-    def read(self, start, count):
-        return self.tokens[start:start + count]
+    def tokens(self):
+        return self.ids
 
 
 def bench_train(device=None, model_config=None, dtype="auto", compile=None, batch_size=16, steps=None,

@@ -42,7 +42,7 @@ TRAINING = dict(
     init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     eval_only=False,  # with init_from=resume: score ckpt.pt on the whole validation split and exit
     batch_size=64,  # micro-batch size, sequences of block_size tokens
-    gradient_accumulation_steps=1,  # micro-batches per optimizer step (split across DDP ranks)
+    gradient_accumulation_steps=1,  # micro-batches per optimizer step, on each DDP process
     max_iters=5000,  # optimizer steps
     # Measured for this model at 16 x 128 tokens a step on a CPU (bench.py quality, rows default-*): nanoGPT's AdamW
     # and the tutorial's recipe train far slower; half or double either LR does no better. Not yet on a GPU.

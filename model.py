@@ -270,8 +270,8 @@ class GPT(nn.Module):
         start = 0  # first position of the window within idx
         cache, todo = None, idx  # todo: tokens not yet in the cache
         for _ in range(max_new_tokens):
-            if idx.size(1) - start > block_size:  # the window is full: jump it ahead
-                start = idx.size(1) - (block_size - slide)
+            if idx.size(1) - start > block_size:  # the window is full: jump it ahead, keeping at least one token
+                start = idx.size(1) - max(1, block_size - slide)
                 cache, todo = None, idx[:, start:]
             if not use_cache:
                 x = self.hidden(idx[:, start:])

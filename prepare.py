@@ -19,13 +19,11 @@ import gzip
 import json
 import os
 import re
-import socket
 import sys
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlparse
 
 import numpy as np
 from tqdm import tqdm
@@ -166,18 +164,24 @@ def hub_offline():
 
 
 def hub_reachable(timeout=3.0):
-    """True if the Hugging Face hub answers within `timeout` seconds, name lookup included: a resolver that does
-    not answer can hang for minutes, so the check runs in a thread that is given up on when the time is up."""
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    """True if the Hugging Face hub answers a request within `timeout` seconds. The request goes as datasets' would:
+    through the proxy HTTPS_PROXY (or HTTP_PROXY) names, unless NO_PROXY lists the hub. A resolver that does not
+    answer can hang for minutes, so the request runs in a thread that is given up on when the time is up."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), method="HEAD")
     answered = []
 
-    def connect():
+    def ask():
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
+            urllib.request.build_opener().open(request, timeout=timeout).close()  # proxies as set now
             answered.append(True)
-        except OSError:
+        except urllib.error.HTTPError:  # an answer, if not a welcome one: the hub is there
+            answered.append(True)
+        except (OSError, ValueError):  # no route, no name, no proxy, refused, timed out
             pass
-    thread = threading.Thread(target=connect, daemon=True)
+    thread = threading.Thread(target=ask, daemon=True)
     thread.start()
     thread.join(timeout)
     return bool(answered)

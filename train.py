@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from config import MODEL, SCRIPTS, UserError, check_config, get_config
 from model import CHECKPOINT_VERSION, GPT, GPTConfig, autocast_context, load_checkpoint, model_from_checkpoint, pick_device
+from prepare import META_VERSION
 
 RUN_KEYS = ("init_from", "eval_only", "checkpoint", "out_dir")  # what this command does, not the run's settings
 
@@ -34,8 +35,9 @@ RUN_KEYS = ("init_from", "eval_only", "checkpoint", "out_dir")  # what this comm
 
 
 class Bin:
-    """A token bin opened once; windows are read with pread, so nothing is remapped per batch and memory
-    stays flat however long the run (a memmap would keep every page it touched resident)."""
+    """A token bin, checked against meta.json. Windows are read through a memmap made anew for each batch: a
+    memmap kept for the whole run would keep every page it touched resident
+    (https://stackoverflow.com/questions/45132940/numpy-memmap-memory-usage-want-to-iterate-once/61472122#61472122)."""
 
     def __init__(self, path, expected_tokens):
         if not os.path.isfile(path):
@@ -44,13 +46,14 @@ class Bin:
         if size != 2 * expected_tokens:
             raise UserError(f"{path} holds {size} bytes but meta.json says {expected_tokens} uint16 tokens: "
                              f"a truncated or foreign file; run prepare.py again")
-        self.fd = os.open(path, os.O_RDONLY)
-        self.num_tokens = expected_tokens
+        self.path, self.num_tokens = path, expected_tokens
+
+    def tokens(self):
+        return np.memmap(self.path, dtype="<u2", mode="r")
 
     def read(self, start, count):
         """Tokens [start, start + count) as int64."""
-        buf = os.pread(self.fd, 2 * count, 2 * start)
-        return torch.from_numpy(np.frombuffer(buf, dtype="<u2").astype(np.int64))
+        return torch.from_numpy(self.tokens()[start:start + count].astype(np.int64))
 
 
 def load_bins(data_dir, block_size):
@@ -62,6 +65,9 @@ def load_bins(data_dir, block_size):
         raise UserError(f"no prepared data in {data_dir}/: run prepare.py first (python prepare.py --data_dir={data_dir})")
     except ValueError:
         raise UserError(f"{data_dir}/meta.json is corrupt: run prepare.py again")
+    if meta.get("version") != META_VERSION:  # before the compact vocabulary: no "vocab" to give the checkpoints
+        raise UserError(f"{data_dir}/ was prepared by an older prepare.py (meta.json version {meta.get('version')}, "
+                        f"this one reads {META_VERSION}): run prepare.py again")
     if not meta.get("complete"):
         raise UserError(f"{data_dir}/ holds an unfinished prepare.py run: run prepare.py again")
     bins = {}
@@ -77,7 +83,8 @@ def get_batch(data, batch_size, block_size, generator, device):
     """x: batch_size random windows of block_size tokens; y: the same windows shifted by one token."""
     # one draw per row: a step's windows are then the same however it is split into micro-batches
     starts = [int(torch.randint(data.num_tokens - block_size, (1,), generator=generator)) for _ in range(batch_size)]
-    windows = torch.stack([data.read(i, block_size + 1) for i in starts])
+    tokens = data.tokens()
+    windows = torch.from_numpy(np.stack([tokens[i:i + block_size + 1] for i in starts]).astype(np.int64))
     x, y = windows[:, :-1], windows[:, 1:]
     if device.type == "cuda":  # pinned memory lets the copy run alongside the GPU's work
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -391,8 +398,8 @@ class StopRequest:
         if world == 1:
             return self.signal or 0
         flag = torch.tensor([self.signal or 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # 4 bytes a step
-        return int(flag.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())  # waits for the device
 
 
 # -----------------------------------------------------------------------------
@@ -441,7 +448,7 @@ def plot_losses(out_dir):
         points = [(r["tokens"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, linewidth=1)
-    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats/token)", title=f"{out_dir}: loss")
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats/token)", title="training and validation loss")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -509,10 +516,11 @@ class Run:
         # bits per byte of the validation text: comparable across vocabularies, unlike nats per token
         v = self.meta["splits"]["validation"]
         bits_per_byte = losses["validation"] * v["tokens"] / v["bytes"] / math.log(2)
-        bar.write(f"step {step}: val {bits_per_byte:.3f} bits/byte (val loss {losses['validation']:.4f}, "
-                  f"train loss {losses['train']:.4f} nats/token)")
-        if step > self.start_step or step == 0:
-            self.save_if_best(step, losses["validation"])
+        if self.rank == 0:  # tqdm.write is the class's: a bar's disable=True does not silence it
+            bar.write(f"step {step}: val {bits_per_byte:.3f} bits/byte (val loss {losses['validation']:.4f}, "
+                      f"train loss {losses['train']:.4f} nats/token)")
+        self.save_if_best(step, losses["validation"])
+        if step > self.start_step or step == 0:  # a resumed run's first checkpoint would be the one it read
             self.checkpoint(step)
         return dict(train_loss=losses["train"], val_loss=losses["validation"])
 
@@ -580,9 +588,6 @@ def train(cfg, chosen=()):
             print(f"{ckpt_path} is already complete at step {ckpt['step']} (max_iters={cfg['max_iters']}): "
                   f"nothing to do. To train longer: python train.py --init_from=resume --max_iters=M")
         return dict(best_val_loss=ckpt["best_val_loss"], model=None)
-    if cfg["gradient_accumulation_steps"] % world:
-        raise UserError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} is not a multiple "
-                        f"of the {world} DDP processes")
     bins, meta = load_bins(cfg["data_dir"], cfg["block_size"])
     model = load_model(cfg, ckpt, ckpt_path, meta, rank).to(device)
     ctx, dtype = autocast_context(device, cfg["dtype"])
@@ -590,7 +595,8 @@ def train(cfg, chosen=()):
     # the fused loss is a big win for an eager step on a CPU; a compiled model keeps the plain loss, as on a GPU
     model.fused_loss = device.type == "cpu" and not compiling
     eval_iters = cpu_eval_iters(cfg, chosen, device)
-    grad_accum = cfg["gradient_accumulation_steps"] // world
+    # every process runs gradient_accumulation_steps micro-batches a step: more processes, more tokens a step
+    grad_accum = cfg["gradient_accumulation_steps"]
     tokens_per_iter = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
     if master:
         n_params, n_total = model.num_params()
@@ -623,15 +629,22 @@ def train(cfg, chosen=()):
     bar = tqdm(total=cfg["max_iters"], initial=run.start_step, unit="step", dynamic_ncols=True, disable=not master)
     with StopRequest() as stop, log_file as log, bar:
         t0 = time.time()
+        def write_row(step, row):  # a row of log.jsonl for each step that evaluates or logs a loss, in that step
+            if row and master:
+                log.write(json.dumps(dict(step=step, tokens=step * tokens_per_iter, **row, elapsed=time.time() - t0)) + "\n")
+                log.flush()
+
         for step in range(run.start_step, cfg["max_iters"] + 1):
-            signum = stop.agreed(world, device)
-            if signum:
-                run.stop(step, signum, bar)
-            # a row of log.jsonl for each step that evaluates or logs a loss, written in that step
             row = resumed_row if step == run.start_step else {}
             if (step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]) and "val_loss" not in row:
                 row.update(run.evaluate(step, bins, ctx, eval_iters, bar))
             if step < cfg["max_iters"]:
+                # Ctrl-C or SIGTERM: stop before this step's training, after its evaluation, so that the run resumes
+                # from here as if it never stopped. Processes agree at logged steps only (a collective waits for the
+                # GPU); a single process looks every step
+                if (world == 1 or step % cfg["log_interval"] == 0) and (signum := stop.agreed(world, device)):
+                    write_row(step, row)
+                    run.stop(step, signum, bar)
                 set_lr(run.optimizers, step, cfg)
                 step_start = time.time()
                 loss = train_step(step_model, run.optimizers, scaler, bins["train"], run.generator, grad_accum, cfg,
@@ -643,13 +656,11 @@ def train(cfg, chosen=()):
                         raise UserError(f"loss is {loss_value} at step {step}: {run.diverged}")
                     tok_s = tokens_per_iter / (time.time() - step_start)
                     postfix = dict(loss=f"{loss_value:.4f}", lr=f"{get_lr(step, cfg):.2e}", tok_s=f"{tok_s:,.0f}")
-                    if peak_flops(device):
-                        postfix["mfu"] = f"{100 * model.estimate_mfu(tok_s, peak_flops(device)):.1f}%"
+                    if peak_flops(device):  # each device does its share of the tokens, at its own peak
+                        postfix["mfu"] = f"{100 * model.estimate_mfu(tok_s / world, peak_flops(device)):.1f}%"
                     bar.set_postfix(postfix, refresh=False)
                     row.update(loss=loss_value, lr=get_lr(step, cfg))
-            if row and master:
-                log.write(json.dumps(dict(step=step, tokens=step * tokens_per_iter, **row, elapsed=time.time() - t0)) + "\n")
-                log.flush()
+            write_row(step, row)
     if master:
         plot_losses(cfg["out_dir"])
     return dict(best_val_loss=run.best_val, model=model)
