@@ -9,6 +9,9 @@ same run, because a shared machine's speed drifts.
     python bench.py quality --data=PATH [--rows=a,b|all] [--out=DIR]   # recipes trained at equal budget, scored
                                               # on the whole validation split, beside count baselines (each row:
                                               # minutes); --out keeps each row's run (log.jsonl, loss.png)
+    python bench.py probes --checkpoint=PATH[,PATH] [--data=PATH]   # coherence probes per kind (probes.py), beside
+                                              # chance, the model untrained and (with --data) trigram counts
+    python bench.py llama --checkpoint=PATH [--data=PATH]   # the GGUF export in llama.cpp: logits, greedy, tokens/s
     python bench.py gpu [--data=DIR] [--out=DIR]   # every GPU figure in one run; on a CPU, a tiny model in seconds
 
 --data is TinyStories text: a folder of .txt(.gz) files named *train* and *valid* (as prepare.py reads them), or
@@ -95,12 +98,13 @@ def save_random_checkpoint(out_dir, model_config, seed=0):
     import torch
 
     import config
-    from model import CHECKPOINT_VERSION, GPT
+    import checkpoint
+    from model import GPT
     from tokenizer import GPT2_VOCAB_SIZE, choose_vocab
 
     vocab = None if model_config.vocab_size == GPT2_VOCAB_SIZE else choose_vocab(np.zeros(GPT2_VOCAB_SIZE), model_config.vocab_size)
     torch.manual_seed(seed)
-    torch.save(dict(version=CHECKPOINT_VERSION, model=GPT(model_config).state_dict(), vocab=vocab, chosen=[],
+    torch.save(dict(version=checkpoint.VERSION, model=GPT(model_config).state_dict(), vocab=vocab, chosen=[],
                     config={**config.config, **vars(model_config)}), os.path.join(out_dir, "ckpt.pt"))
 
 
@@ -125,11 +129,11 @@ def read_stories(data):
 CHILD = """
 import os, sys, time
 sys.path.insert(0, {here!r})
-import prepare, tokenizer
+import prepare, sources, tokenizer
 tokenizer.gpt2_encoding()  # loaded once, as in any run; not what is measured
 cfg = dict(dataset={path!r}, data_dir={out!r}, val_fraction=0.05, force=True, vocab_size={vocab_size})
 t = time.time()
-prepare.count_gpt2_tokens(prepare.find_source(cfg["dataset"], cfg["val_fraction"]), os.cpu_count())
+prepare.count_gpt2_tokens(sources.find_source(cfg["dataset"], cfg["val_fraction"]), os.cpu_count())
 counting = time.time() - t
 t = time.time()
 meta = prepare.prepare(cfg)
@@ -234,20 +238,21 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
     Tokens/s of train.py's own step (train.train_step) against a plain eager loop (nanoGPT's: the loss over the
     full logits, foreach AdamW); the default model on this machine's GPU, else its CPU. On a CPU a row with the
     plain loss shows what the fused one gains, and a row --compile=True what compiling gives. Where a peak FLOP/s
-    is known (train.peak_flops, or peak_flops), larger batches follow with their MFU. The tests run this on a CPU
+    is known (runtime.peak_flops, or peak_flops), larger batches follow with their MFU. The tests run this on a CPU
     with a tiny model, compiled, in bf16 and against a made-up peak: the branches a GPU takes then run in CI too.
     Returns the figures it printed.
     """
     import torch
 
     import config
+    import runtime
     import train
-    from model import GPT, GPTConfig, autocast_context
+    from model import GPT, GPTConfig
 
     device = device or default_device()
     model_config = model_config or GPTConfig()
-    ctx, dtype = autocast_context(device, dtype)
-    peak_flops = peak_flops or train.peak_flops(device)
+    ctx, dtype = runtime.autocast_context(device, dtype)
+    peak_flops = peak_flops or runtime.peak_flops(device)
     steps = steps or (3 if device.type == "cpu" else 30)
     T = model_config.block_size
     cfg = {**config.config, **{k: getattr(model_config, k) for k in config.MODEL}, "batch_size": batch_size,
@@ -275,12 +280,12 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
         sync(device)
         start = time.perf_counter()
         for _ in range(n):
-            train.train_step(runner["step_model"], runner["optimizers"], runner["scaler"], data, generator, 1,
-                             step_cfg, ctx, device)
+            train.train_step(runner["step_model"], runner["optimizers"], runner["scaler"], data, generator, step_cfg,
+                             ctx, device)
         sync(device)
         return batch * T * n / (time.perf_counter() - start)
 
-    by_default = train.wants_compile(dict(compile=True), device, chosen=())
+    by_default = runtime.wants_compile(dict(compile=True), device, chosen=())
     compiled = by_default if compile is None else compile
     project = f"train.py's step ({'torch.compile' if compiled else 'fused loss'}, --optimizer={optimizer})"
     runners = {"plain eager loop (full logits + F.cross_entropy, foreach AdamW)": make(False, False, False),
@@ -315,7 +320,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
             except torch.OutOfMemoryError:
                 print(f"batch {batch} x {T}: out of memory")
                 break
-            mfu = runner["model"].estimate_mfu(r, peak_flops)
+            mfu = runtime.flops_per_token(runner["model"]) * r / peak_flops
             results["sweep"].append((batch, r, mfu, peak_memory_gib(device)))
             print(f"batch {batch} x {T}: {r:,.0f} tokens/s, MFU {100 * mfu:.1f}% of {peak_flops / 1e12:g} TFLOP/s, "
                   f"peak memory {peak_memory_gib(device):.1f} GiB")
@@ -415,12 +420,11 @@ def nanogpt_sample(out_dir, start, max_new_tokens, device):
     """nanoGPT's sample.py on our checkpoint: load, generate every token, then decode and print the story."""
     import torch
 
-    from model import load_checkpoint, model_from_checkpoint
+    import checkpoint
     from tokenizer import get_tokenizer
 
-    path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path).to(device).eval()
+    ckpt, model = checkpoint.load(os.path.join(out_dir, "ckpt.pt"))
+    model = model.to(device).eval()
     enc = get_tokenizer(ckpt["vocab"])
     x = torch.tensor([[enc.eot_token] + enc.encode_ordinary(start)], device=device)
     torch.manual_seed(1337)
@@ -474,7 +478,8 @@ def bench_sample(device=None, model_config=None, n_long=256, n_short=16, repeats
 
     import config
     import sample
-    from model import GPTConfig, autocast_context
+    from model import GPTConfig, generate
+    from runtime import autocast_context
 
     device = device or default_device()
     model_config = model_config or GPTConfig()
@@ -499,7 +504,7 @@ def bench_sample(device=None, model_config=None, n_long=256, n_short=16, repeats
 
         @timed
         def bare(n):
-            for _ in model.generate(prompt, n, temperature=1.0, generator=torch.Generator(device).manual_seed(0)):
+            for _ in generate(model, prompt, n, temperature=1.0, generator=torch.Generator(device).manual_seed(0)):
                 pass
 
         @timed
@@ -549,7 +554,7 @@ def profile_sampling(model, enc, ids, cfg, ctx, device, n, sink):
 
     import torch
 
-    from model import sample_token
+    from model import generate, sample_token
 
     block_size = model.config.block_size
     slide = max(1, block_size // 4)  # as GPT.generate
@@ -563,7 +568,7 @@ def profile_sampling(model, enc, ids, cfg, ctx, device, n, sink):
     with ctx:
         for _ in range(3):
             stamps = [time.perf_counter()]
-            for _ in model.generate(prompt, n, cfg["temperature"], cfg["top_k"], cfg["top_p"]):
+            for _ in generate(model, prompt, n, cfg["temperature"], cfg["top_k"], cfg["top_p"]):
                 sync(device)
                 stamps.append(time.perf_counter())
             times.append([b - a for a, b in zip(stamps, stamps[1:])])
@@ -574,7 +579,7 @@ def profile_sampling(model, enc, ids, cfg, ctx, device, n, sink):
     if jumps:
         print(f"; a window jump (the cache rebuilt from {block_size - slide} tokens) {1000 * jump:.1f} ms, once "
               f"every {slide} tokens: {1000 * (jump - decoding) / slide:.2f} ms a token", end="")
-    _, logits = next(model.generate(prompt, 1))
+    _, logits = next(generate(model, prompt, 1))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     parts = dict(sampler=lambda: sample_token(logits, cfg["temperature"], cfg["top_k"], cfg["top_p"]),
                  plain=lambda: sample_token(logits, 1.0),
@@ -598,6 +603,8 @@ def sample_extras(model, ctx, device, n):
     """Batch 8, bf16 on a CPU, and the floor at batch 1: what reading every weight once costs."""
     import torch
 
+    from model import generate
+
     def rate(fn, batch):
         idx = torch.full((batch, 1), model.config.vocab_size - 1, device=device)  # end-of-text
         fn(idx, 8)  # warm up
@@ -610,7 +617,7 @@ def sample_extras(model, ctx, device, n):
 
     @torch.no_grad()
     def cached(idx, n):
-        for _ in model.generate(idx, n, temperature=1.0):
+        for _ in generate(model, idx, n, temperature=1.0):
             pass
 
     (fast, _), (slow, _) = rate(cached, 8), rate(torch.no_grad()(lambda idx, n: nanogpt_generate(model, idx, n)), 8)
@@ -639,9 +646,10 @@ def sample_extras(model, ctx, device, n):
 
     linear = [w.t() for w in body]  # as nn.Linear reads them: (n_out, n_in) weights, transposed
     floor = read_all_weights(linear + [model.lm_head.weight.t()])
-    floor_t = read_all_weights(linear + [model.decoding_head()])
-    # what (n_in, n_out) copies of the blocks' matrices would allow too, as decoding_head() is for the head
-    floor_all = read_all_weights([w.t().contiguous() for w in body] + [model.decoding_head()])
+    head = model.lm_head.weight[:model.config.vocab_size].t().contiguous()  # as generate() reads it
+    floor_t = read_all_weights(linear + [head])
+    # what (n_in, n_out) copies of the blocks' matrices would allow too, as generate() has for the head
+    floor_all = read_all_weights([w.t().contiguous() for w in body] + [head])
     print(f"batch 1 floor, one plain matvec per weight matrix: {1000 * floor:.1f} ms/token, the cache takes "
           f"{ms_1 / floor:.2f}x that; with the head read as (n_embd, vocab): {1000 * floor_t:.1f} ms/token, "
           f"{ms_1 / floor_t:.2f}x; with every matrix read as (n_in, n_out): {1000 * floor_all:.1f} ms/token")
@@ -816,12 +824,13 @@ def flops_per_step(flags, vocab_size):
     import torch
 
     import config
+    import runtime
     from model import GPT, GPTConfig
 
     cfg, _ = config.get_config(flags, config.SCRIPTS["train.py"])
     with torch.device("meta"):
         m = GPT(GPTConfig(**{k: cfg[k] for k in config.MODEL}, vocab_size=vocab_size))
-    return m.flops_per_token() * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    return runtime.flops_per_token(m) * cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
 
 
 def train_row(name, data_dir, meta, out):
@@ -863,14 +872,17 @@ def count_row(name, data_dir, meta):
 
 
 def bench_quality(data, rows, keep=None):
-    """Each row trained (or counted) and scored; with keep, the bins and each trained row's out_dir stay there
-    (checkpoints, log.jsonl, loss.png)."""
+    """Each row trained (or counted) and scored, on bits/byte and on the held-out and dev probes (probes.py); with
+    keep, the bins and each trained row's out_dir stay there (checkpoints, log.jsonl, loss.png)."""
     import prepare
+    import probes
+    from tokenizer import get_tokenizer
 
-    print(f"quality: trained on the train files of {data}, scored on every token of its validation file; "
-          f"machine: {machine()}, {os.environ.get('OMP_NUM_THREADS', 'all')} threads")
-    print("| row | what | vocabulary | tokens | steps | wall time | bits/byte | nats/token | largest loss rise |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"quality: trained on the train files of {data}, scored on every token of its validation file and on "
+          f"the probes; machine: {machine()}, {os.environ.get('OMP_NUM_THREADS', 'all')} threads")
+    print("| row | what | vocabulary | tokens | steps | wall time | bits/byte | nats/token | probes held-out | "
+          "probes dev | largest loss rise |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name in rows:
             what, vocab_size, flags, _ = QUALITY_ROWS[name]
@@ -878,16 +890,173 @@ def bench_quality(data, rows, keep=None):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 meta = prepare.prepare(dict(dataset=data, data_dir=data_dir, val_fraction=0.05, force=False,
                                             vocab_size=vocab_size))
+            scores = {}
             if flags in ("bigram", "trigram"):
                 tokens, seconds, bpb, nats = count_row(name, data_dir, meta)
                 steps = rise = ""
+                if flags == "trigram":
+                    train_ids = np.fromfile(os.path.join(data_dir, "train.bin"), dtype="<u2").astype(np.int64)
+                    logprob = trigram_logprob(train_ids, get_tokenizer(meta["vocab"]), meta["vocab_size"])
+                    scores = {split: probes.accuracy(probes.make_items(split), logprob)["all"]
+                              for split in ("held-out", "dev")}
             else:
-                tokens, steps, seconds, bpb, nats, rise = train_row(name, data_dir, meta,
-                                                                     os.path.join(keep or tmp, name))
+                out = os.path.join(keep or tmp, name)
+                tokens, steps, seconds, bpb, nats, rise = train_row(name, data_dir, meta, out)
                 rise = f"{rise:.2f}"
+                scores = {split: probe_scores(os.path.join(out, "ckpt.pt"), split)["all"] for split in ("held-out", "dev")}
             wall = f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+            shown = [f"{100 * scores[s]:.1f}%" if s in scores else "" for s in ("held-out", "dev")]
             print(f"| {name} | {what} | {vocab_size:,} | {tokens / 1e6:.2f}M | {steps} | {wall} | {bpb:.3f} | "
-                  f"{nats:.3f} | {rise} |", flush=True)
+                  f"{nats:.3f} | {shown[0]} | {shown[1]} | {rise} |", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# probes: does a model keep track of who has what (probes.py), beside chance, an untrained model and counts
+
+
+def trigram_logprob(train_ids, enc, vocab_size):
+    """probes' logprob() for the interpolated Kneser-Ney trigram counts of train_ids, as count_row scores them."""
+    def logprob(prefixes, continuations):
+        u, v, w, owner = [], [], [], []
+        for i, (prefix, cont) in enumerate(zip(prefixes, continuations)):
+            c = enc.encode_ordinary(cont)
+            ids = [enc.eot_token, enc.eot_token] + enc.encode_ordinary(prefix) + c
+            for j in range(len(ids) - len(c), len(ids)):
+                u.append(ids[j - 2]), v.append(ids[j - 1]), w.append(ids[j]), owner.append(i)
+        nats = kneser_ney_nats(train_ids, np.array(u), np.array(v), np.array(w), vocab_size)
+        return list(-np.bincount(owner, weights=nats, minlength=len(prefixes)))
+    return logprob
+
+
+def probe_scores(checkpoint, split="held-out", device=None):
+    """{kind: accuracy, "all": ...} of a checkpoint on one probe set."""
+    import probes
+    import checkpoint as checkpoints
+    from tokenizer import get_tokenizer
+
+    device = device or default_device()
+    ckpt, model = checkpoints.load(checkpoint)
+    model = model.to(device)
+    return probes.accuracy(probes.make_items(split), probes.model_logprob(model, get_tokenizer(ckpt["vocab"]), device))
+
+
+def bench_probes(checkpoints, data=None):
+    """Each checkpoint on the dev and the held-out probes, per kind, beside chance, the same model untrained and
+    (with --data, text prepared in the checkpoint's vocabulary) the Kneser-Ney trigram counts."""
+    import torch
+
+    import prepare
+    import probes
+    import checkpoint
+    from tokenizer import get_tokenizer
+
+    device = default_device()
+    columns = {}
+    first, untrained = checkpoint.load(checkpoints[0])
+    enc = get_tokenizer(first["vocab"])
+    untrained = untrained.to(device)
+    torch.manual_seed(0)
+    untrained.init_weights()  # the same shape, as train.py starts it
+    for split in ("dev", "held-out"):
+        items = probes.make_items(split)
+        columns[f"untrained, {split}"] = probes.accuracy(items, probes.model_logprob(untrained, enc, device))
+        if data is not None:
+            with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                meta = prepare.prepare(dict(dataset=data, data_dir=tmp, val_fraction=0.05, force=False,
+                                            vocab_size=first["config"]["vocab_size"]))
+                train_ids = np.fromfile(os.path.join(tmp, "train.bin"), dtype="<u2").astype(np.int64)
+            if meta["vocab"] == first["vocab"]:
+                columns[f"trigram counts, {split}"] = probes.accuracy(items, trigram_logprob(train_ids, enc, meta["vocab_size"]))
+        for path in checkpoints:
+            columns[f"{path}, {split}"] = probe_scores(path, split, device)
+    print(f"probes: {len(probes.make_items('dev'))} items in each set, two candidates each (chance 50%); machine: "
+          f"{machine()}")
+    print("| kind | what | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
+    for kind, (what, _) in probes.KINDS.items():
+        print(f"| {kind} | {what} | " + " | ".join(f"{100 * c[kind]:.0f}%" for c in columns.values()) + " |")
+    print("| all | | " + " | ".join(f"**{100 * c['all']:.1f}%**" for c in columns.values()) + " |")
+    return columns
+
+
+# -----------------------------------------------------------------------------
+# llama: the exported GGUF file in llama.cpp beside the project, on the same checkpoint and machine
+
+
+def bench_llama(checkpoint_path, data=None, windows=16, repeats=3):
+    """
+    The checkpoint exported with `export.py --format=gguf` (float32 and float16) and run by llama.cpp
+    (llama-cpp-python): how far its logits are from model.py's on validation stories (or the demo corpus), whether
+    its greedy tokens are sample.py's, and its tokens/s at batch 1 beside sample.py's path, up to the end of the
+    context (llama.cpp cannot go past it), the best of `repeats`.
+    """
+    import llama_cpp
+    import torch
+
+    import checkpoint
+    import config
+    import export
+    import sample
+    import sources
+    from tokenizer import get_tokenizer
+
+    ckpt, model = checkpoint.load(checkpoint_path)
+    model.eval()
+    enc = get_tokenizer(ckpt["vocab"])
+    T = model.config.block_size
+    text_source = data if data is not None else sources.DEMO_CORPUS
+    rows = [[enc.eot_token] + enc.encode_ordinary(s)[:T - 1] for s in read_stories(text_source)]
+    rows = [r for r in rows if len(r) == T][:windows]
+    prompt = [enc.eot_token] + enc.encode_ordinary(PROMPT)
+    n = T - len(prompt)
+    threads = torch.get_num_threads()
+    print(f"llama: {checkpoint_path} ({model.config.n_layer} layers, {model.config.n_embd} wide, context {T}) in "
+          f"llama.cpp {llama_cpp.__version__} and in sample.py, {threads} threads; machine: {machine()}")
+    print("| run | largest logit difference (largest logit) | greedy tokens equal to sample.py's | tokens/s, batch 1 |")
+    print("|---|---|---|---|")
+    cfg = {**config.SAMPLING, "max_new_tokens": n, "temperature": 0.0, "stop_at_eot": False}
+
+    def sample_py():
+        return sample.generate_text(model, enc, prompt, cfg, None)
+    story = sample_py()  # (and a warm-up)
+    best = min(timed(sample_py)[0] for _ in range(repeats))
+    results = {"sample.py": dict(tokens_per_s=n / best)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("float32", "float16"):
+            folder = os.path.join(tmp, dtype)
+            with contextlib.redirect_stdout(io.StringIO()):
+                export.main([f"--out_dir={os.path.dirname(checkpoint_path)}", f"--checkpoint={os.path.basename(checkpoint_path)}",
+                             f"--export_dir={folder}", "--format=gguf", f"--dtype={dtype}"])
+            llm = llama_cpp.Llama(os.path.join(folder, export.GGUF_FILE), n_ctx=T, logits_all=True, verbose=False,
+                                  n_threads=threads)
+            worst, largest = 0.0, 0.0
+            for row in rows:
+                llm.reset()
+                llm.eval(row)
+                theirs = torch.tensor(np.array(llm.scores[:T]))
+                with torch.no_grad():
+                    logits = model(torch.tensor([row]))[0][0, :, :model.config.vocab_size]
+                worst, largest = max(worst, (theirs - logits).abs().max().item()), max(largest, logits.abs().max().item())
+
+            def llama_generate():
+                return list(itertools.islice(llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0), n))
+            llama_generate()
+            seconds, tokens = min((timed(llama_generate) for _ in range(repeats)), key=lambda r: r[0])
+            same = enc.decode(tokens) == story
+            llm.close()
+            results[f"llama.cpp {dtype}"] = dict(tokens_per_s=n / seconds, worst=worst, largest=largest, same=same)
+            print(f"| llama.cpp, GGUF {dtype} | {worst:.1e} ({largest:.1f}) | {'yes' if same else 'no'} | "
+                  f"{n / seconds:,.0f} |")
+    print(f"| sample.py (its own loop, KV cache, each token decoded) | | | {results['sample.py']['tokens_per_s']:,.0f} |")
+    print(f"{len(rows)} windows of {T} tokens from {text_source}; {n} tokens generated after a {len(prompt)}-token prompt")
+    return results
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
 # -----------------------------------------------------------------------------
@@ -909,7 +1078,8 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
 
     import config
     import prepare
-    import train
+    import runtime
+    import sources
     from model import GPTConfig
 
     device = device or default_device()
@@ -923,7 +1093,7 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
     print(f"CUDA tests: {report['cuda_tests']}")
 
     model_config = GPTConfig(**shape)
-    peak = train.peak_flops(device) or (None if gpu else 1e12)  # a CPU has no listed peak: a stand-in one
+    peak = runtime.peak_flops(device) or (None if gpu else 1e12)  # a CPU has no listed peak: a stand-in one
     batch = 64 if gpu else 4
     speed = bench_train(device, model_config, dtype="bfloat16", compile=True, batch_size=batch, steps=20 if gpu else 2,
                         sweep=(16, 32, 64, 128, 256, 512) if gpu else (batch,), peak_flops=peak)
@@ -935,7 +1105,7 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
         if data is None:  # the demo corpus: enough to run the path, not to learn English
             data = os.path.join(tmp, "data")
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                prepare.prepare(dict(dataset=prepare.DEMO_CORPUS, data_dir=data, val_fraction=0.05, force=False,
+                prepare.prepare(dict(dataset=sources.DEMO_CORPUS, data_dir=data, val_fraction=0.05, force=False,
                                      vocab_size=config.DATA["vocab_size"]))
         flags = [f"--{k}={v}" for k, v in shape.items()] + [f"--batch_size={batch}", f"--data_dir={data}"]
         steps = max(10, min(5000, round(train_seconds * rate / (batch * model_config.block_size))))
@@ -969,7 +1139,7 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
 def main(argv):
     sections = [a for a in argv if not a.startswith("--")] or ["prepare", "train", "sample"]
     options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    unknown = set(options) - {"data", "rows", "nanogpt", "out"}
+    unknown = set(options) - {"data", "rows", "nanogpt", "out", "checkpoint"}
     if unknown or any(a.startswith("--") and "=" not in a for a in argv):
         sys.exit(f"error: bench.py takes --data=, --rows=, --nanogpt= and --out=, not {', '.join(sorted(unknown)) or argv}")
     rows = options.get("rows", ",".join(DEFAULT_ROWS)).split(",")
@@ -978,8 +1148,11 @@ def main(argv):
         sys.exit(f"error: unknown --rows={','.join(sorted(set(rows) - set(QUALITY_ROWS)))}: choose from "
                  f"{', '.join(QUALITY_ROWS)} or all")
     for section in sections:
-        if section not in ("vocab", "prepare", "train", "sample", "quality", "gpu"):
-            sys.exit(f"error: unknown section {section!r}: choose vocab, prepare, train, sample, quality or gpu")
+        if section not in ("vocab", "prepare", "train", "sample", "quality", "probes", "llama", "gpu"):
+            sys.exit(f"error: unknown section {section!r}: choose vocab, prepare, train, sample, quality, probes, llama "
+                     f"or gpu")
+        if section in ("probes", "llama") and "checkpoint" not in options:
+            sys.exit(f"error: bench.py {section} needs --checkpoint=PATH: a checkpoint train.py wrote")
         if section in ("vocab", "prepare", "quality") and "data" not in options:
             sys.exit(f"error: bench.py {section} needs --data=PATH: a folder of TinyStories .txt(.gz) files named "
                      f"*train* and *valid* (README: your own data)")
@@ -1005,6 +1178,10 @@ def main(argv):
             bench_sample()
         elif section == "quality":
             bench_quality(options["data"], rows, keep=options.get("out"))
+        elif section == "probes":
+            bench_probes(options["checkpoint"].split(","), options.get("data"))
+        elif section == "llama":
+            bench_llama(options["checkpoint"], options.get("data"))
         else:
             bench_gpu(options.get("out", "bench_gpu"), options.get("data"))
         print()

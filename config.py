@@ -25,7 +25,8 @@ PATHS = dict(
 )
 SYSTEM = dict(
     device="auto",  # auto picks cuda, then mps, then cpu
-    dtype="auto",  # auto: bfloat16 on CUDA (float16 + grad scaler on old GPUs), float32 elsewhere
+    dtype="auto",  # auto: bfloat16 on CUDA (float16 + grad scaler on old GPUs), float32 elsewhere; export.py: float32
+    # or float16 weights
     compile=True,  # torch.compile on CUDA; on a CPU only if --compile=True is given (eager is faster there)
     seed=1337,
 )
@@ -44,8 +45,7 @@ TRAINING = dict(
     batch_size=64,  # micro-batch size, sequences of block_size tokens
     gradient_accumulation_steps=1,  # micro-batches per optimizer step, on each DDP process
     max_iters=5000,  # optimizer steps
-    # Measured for this model at 16 x 128 tokens a step on a CPU (bench.py quality, rows default-*): nanoGPT's AdamW
-    # and the tutorial's recipe train far slower; half or double either LR does no better. Not yet on a GPU.
+    # Muon + AdamW at these LRs trained this model fastest of the recipes tried (RESULTS.md, the default's recipe)
     optimizer="muon",  # muon: Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW for everything
     learning_rate=0.02,  # AdamW's peak LR, after warmup
     min_lr=0.002,  # AdamW's LR at the end of the cosine (above learning_rate it rises); Muon's ends at the same ratio
@@ -61,6 +61,7 @@ TRAINING = dict(
     eval_interval=250,  # steps between evaluations and checkpoints
     eval_iters=50,  # batches per split for each evaluation
     log_interval=10,  # steps between progress-bar updates (each costs a GPU sync)
+    eval_sample=48,  # tokens of the story written at each evaluation, from "Once upon a time"; 0: none
 )
 SAMPLING = dict(
     start="",  # prompt text, or FILE:path; empty starts a fresh story (from EOT)
@@ -72,7 +73,8 @@ SAMPLING = dict(
     stop_at_eot=True,  # end a story at the end-of-text token
 )
 EXPORT = dict(
-    export_dir="",  # where export.py writes the transformers folder; empty means {out_dir}/hf
+    format="transformers",  # export.py: transformers (a GPT-2 folder) or gguf (one file for llama.cpp)
+    export_dir="",  # where export.py writes; empty means {out_dir}/hf, or {out_dir}/gguf for gguf
 )
 config = {**DATA, **PATHS, **SYSTEM, **MODEL, **TRAINING, **SAMPLING, **EXPORT, "preset": ""}
 # The keys each script reads
@@ -80,26 +82,24 @@ SCRIPTS = {
     "prepare.py": [DATA, ["data_dir"]],
     "train.py": [PATHS, SYSTEM, MODEL, TRAINING],
     "sample.py": [["out_dir", "checkpoint", "device", "dtype", "seed"], SAMPLING],
-    "export.py": [["out_dir", "checkpoint"], EXPORT],
+    "export.py": [["out_dir", "checkpoint", "dtype"], EXPORT],
 }
 
 # Named overrides, applied before any other flag: `--preset=cpu`.
 presets = dict(
-    # A 2-core laptop: about 10 minutes on the slowest machines of this kind, 4 on a fast one. Each value beat the
-    # `python bench.py quality` rows named beside it, at equal compute (RESULTS.md).
+    # A 2-core laptop, in minutes. Every value won at equal compute against the bench.py quality rows RESULTS.md
+    # lists beside it.
     cpu=dict(
-        optimizer="muon", muon_lr=0.02,  # rows muon-0.03, batch-32x128-muon-0.015 (and RESULTS.md's earlier rows)
-        learning_rate=0.04, min_lr=0.004, weight_decay=0.0,  # rows adamw-0.06 (and RESULTS.md's earlier rows)
-        n_layer=4, n_head=4, n_embd=96,  # rows width-128, width-192, depth-6
-        value_embed=True,  # row value-embed (ReLU^2, QK-norm, soft-capping, Polar Express did not win)
-        batch_size=32, block_size=128,  # rows batch-*, context-128
-        max_iters=1000,  # what fits in the previous preset's wall time with the 4,096-token head: row preset
+        optimizer="muon", muon_lr=0.02,
+        learning_rate=0.04, min_lr=0.004, weight_decay=0.0,  # the embeddings learn fastest without decay
+        n_layer=4, n_head=4, n_embd=96,  # wider or deeper costs more steps than it gains, at this budget
+        value_embed=True,
+        batch_size=32, block_size=128,
+        max_iters=1000,
         eval_interval=250, eval_iters=5, compile=False,
     ),
 )
-# About 22 minutes on the slowest machines, the FLOPs of the cpu_long before the compact vocabulary: what pays
-# at that length, one change at a time (rows long-*): a context of 256, an LR that ends at zero, Muon's weight decay,
-# 128 wide (a batch of 32 x 256 did worse; a context of 512 cost 1.42x a step)
+# For about 3x cpu's time: at that length a longer context, an LR ending at zero and Muon's weight decay pay
 presets["cpu_long"] = {**presets["cpu"], "n_embd": 128, "batch_size": 16, "block_size": 256, "min_lr": 0.0,
                        "muon_weight_decay": 0.1, "max_iters": 2086, "eval_interval": 500}
 
@@ -147,6 +147,7 @@ rules = dict(
     eval_interval=(lambda v: v >= 1, "at least 1"),
     eval_iters=(lambda v: v >= 1, "at least 1"),
     log_interval=(lambda v: v >= 1, "at least 1"),
+    eval_sample=(lambda v: v >= 0, "a number of tokens >= 0 (0 writes none)"),
     start=ANY,
     num_samples=(lambda v: v >= 1, "at least 1"),
     max_new_tokens=(lambda v: v >= 1, "at least 1"),
@@ -154,7 +155,8 @@ rules = dict(
     top_k=(lambda v: v is None or v >= 1, "at least 1, or None to keep every token"),
     top_p=(lambda v: 0 < v <= 1, "in (0, 1]"),
     stop_at_eot=ANY,
-    export_dir=(lambda v: v == "" or v.strip() != "", "a folder name, or empty for {out_dir}/hf"),
+    format=(lambda v: v in ("transformers", "gguf"), "transformers or gguf"),
+    export_dir=(lambda v: v == "" or v.strip() != "", "a folder name, or empty for {out_dir}/hf or {out_dir}/gguf"),
     preset=(lambda v: v == "" or v in presets, f"one of {', '.join(presets)}"),
 )
 # Settings that make sense alone but not together: (keys, test, what is wrong). Checked when a script reads all the keys.
@@ -164,6 +166,8 @@ combinations = [
      "lr_decay_iters must come after warmup_iters"),
     (("eval_only", "init_from"), lambda c: not c["eval_only"] or c["init_from"] == "resume",
      "scoring a trained model needs --init_from=resume"),
+    (("format", "dtype"), lambda c: c["dtype"] in ("auto", "float32", "float16"),
+     "export.py writes float32 (auto) or float16"),
 ]
 
 

@@ -1,18 +1,19 @@
 """
-Export a trained model to a folder that Hugging Face transformers loads as GPT-2, offline.
+Export a trained model where people run small models: a folder Hugging Face transformers loads as GPT-2, or one
+GGUF file that llama.cpp (and the tools built on it) runs. Offline, both.
 
-    python export.py                                       # out/ckpt.pt -> out/hf/
+    python export.py                                       # out/ckpt.pt -> out/hf/, for transformers
+    python export.py --format=gguf                         # out/ckpt.pt -> out/gguf/model.gguf, for llama.cpp
+    python export.py --format=gguf --dtype=float16         # half the size
     python export.py --checkpoint=best.pt --export_dir=my-stories-model
 
-    from transformers import pipeline
-    generate = pipeline("text-generation", model="out/hf")
-    print(generate("Once upon a time", max_new_tokens=50)[0]["generated_text"])
-
-The model is GPT-2's architecture, so transformers' own GPT2LMHeadModel runs it unchanged. The folder holds
-config.json, model.safetensors, generation_config.json and the tokenizer in GPT-2's format: GPT-2's vocab.json and
-merges.txt, restricted to the checkpoint's vocabulary and numbered as the model numbers it. test_all.py checks
-that transformers computes the same logits, greedy tokens and token ids as this project.
+The model is GPT-2's architecture, so transformers' own GPT2LMHeadModel and llama.cpp's gpt2 run it unchanged. The
+transformers folder holds config.json, model.safetensors, generation_config.json and the tokenizer in GPT-2's
+format (vocab.json and merges.txt, restricted to the checkpoint's vocabulary and numbered as the model numbers it);
+the GGUF file holds the same weights and tokenizer. test_all.py checks that transformers and llama.cpp compute the
+same token ids, logits and greedy stories as this project.
 """
+import errno
 import json
 import os
 import shutil
@@ -22,18 +23,49 @@ import tempfile
 import torch
 from safetensors.torch import save as safetensors_bytes
 
+import checkpoint
 from config import SAMPLING, SCRIPTS, UserError, get_config
-from model import load_checkpoint, model_from_checkpoint
 from tokenizer import gpt2_merges, read_packaged
 
-# Every file export() writes. A folder holding only these, with MARKER in its config.json, is an earlier export
-# that may be replaced; export.py never replaces anything else.
+# Every file export() writes. A folder holding only these, with MARKER in its config.json or in the GGUF file's
+# metadata, is an earlier export that may be replaced; export.py never replaces anything else.
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json", "vocab.json",
          "merges.txt")
+GGUF_FILE = "model.gguf"
 MARKER = "tinystories_gpt"
 
 
-def gpt2_weights(model):
+def export(cfg):
+    """Write the checkpoint cfg names in cfg["format"]; returns the folder's path."""
+    path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
+    export_dir = export_path(cfg)
+    ckpt, model = checkpoint.load(path)
+    if model.config.value_embed:
+        raise UserError(f"{path} has value embeddings (--value_embed=True), which GPT-2's architecture lacks, in "
+                        f"transformers and in llama.cpp: to export, train with --value_embed=False")
+    check_export_dir(export_dir)
+    provenance = {"checkpoint": cfg["checkpoint"], "step": ckpt.get("step")}
+    dtype = torch.float16 if cfg["dtype"] == "float16" else torch.float32
+    if cfg["format"] == "gguf":
+        n = write_gguf(model, ckpt["vocab"], export_dir, dtype, provenance)
+        what = f"{os.path.join(export_dir, GGUF_FILE)}: GPT-2 for llama.cpp"
+    else:
+        n = write_transformers(model, ckpt["vocab"], export_dir, dtype, provenance)
+        what = f"{export_dir}: GPT-2 for transformers"
+    print(f"wrote {what}, {n:,} weights in {str(dtype).removeprefix('torch.')} and a {model.config.vocab_size:,}-token "
+          f"vocabulary from {path}")
+    return export_dir
+
+
+def export_path(cfg):
+    return cfg["export_dir"] or os.path.join(cfg["out_dir"], "gguf" if cfg["format"] == "gguf" else "hf")
+
+
+# -----------------------------------------------------------------------------
+# transformers: GPT2LMHeadModel's weights, config and tokenizer files
+
+
+def gpt2_weights(model, dtype):
     """model.py's weights under GPT2LMHeadModel's names and in its layout."""
     c = model.config
     sd = model.state_dict()
@@ -48,10 +80,10 @@ def gpt2_weights(model):
             # GPT-2 has a bias in every Linear and LayerNorm: zeros compute what a model without them does
             out.setdefault(name[:-len("weight")] + "bias", torch.zeros(w.size(-1), dtype=w.dtype))
     # safetensors wants every tensor contiguous and owning its storage (not a slice of a bigger one)
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+    return {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in out.items()}
 
 
-def gpt2_config(model, provenance):
+def gpt2_config(model, dtype, provenance):
     """config.json: transformers' GPT2Config fields for this model."""
     c = model.config
     eot = c.vocab_size - 1  # <|endoftext|> is the last id of every vocabulary
@@ -73,7 +105,7 @@ def gpt2_config(model, provenance):
         "bos_token_id": eot,
         "eos_token_id": eot,
         "tie_word_embeddings": True,
-        "dtype": str(model.wte.weight.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         MARKER: provenance,  # says export.py wrote this folder, and from which checkpoint
     }
 
@@ -105,18 +137,112 @@ def tokenizer_config(model):
     }
 
 
+def token_strings(vocab):
+    """(the vocabulary's tokens as GPT-2 writes them, in the model's id order; its merges, "left right", in rank
+    order). GPT-2 spells each token's bytes as printable characters (a space is "Ġ"); a compact vocabulary keeps its
+    tokens and the merges that make them (each one's two parts are kept too). None: GPT-2's own."""
+    names = {gpt2_id: name for name, gpt2_id in json.loads(read_packaged("encoder.json")).items()}
+    vocab = range(len(names)) if vocab is None else vocab
+    kept = set(vocab)
+    merges = [f"{names[left]} {names[right]}" for left, right, merged in gpt2_merges() if merged in kept]
+    return [names[t] for t in vocab], merges
+
+
 def tokenizer_files(vocab):
-    """vocab.json and merges.txt for the vocabulary (None: GPT-2's own files, as they are). GPT-2's encoder.json
-    is transformers' vocab.json and its vocab.bpe is merges.txt; a compact vocabulary keeps its tokens, numbered
-    as the model numbers them, and the merges that make them (each one's two parts are kept too)."""
-    encoder, merges = read_packaged("encoder.json"), read_packaged("vocab.bpe")
+    """vocab.json and merges.txt, transformers' GPT-2 tokenizer files: GPT-2's own (its encoder.json and vocab.bpe,
+    as they are), or the compact vocabulary's."""
     if vocab is None:
-        return encoder, merges
-    compact = {gpt2_id: i for i, gpt2_id in enumerate(vocab)}
-    names = {gpt2_id: name for name, gpt2_id in json.loads(encoder).items()}
-    encoder = json.dumps({names[t]: i for t, i in compact.items()}, ensure_ascii=False)
-    kept = [f"{names[left]} {names[right]}" for left, right, merged in gpt2_merges() if merged in compact]
-    return encoder, "\n".join(["#version: 0.2", *kept]) + "\n"
+        return read_packaged("encoder.json"), read_packaged("vocab.bpe")
+    tokens, merges = token_strings(vocab)
+    encoder = json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False)
+    return encoder, "\n".join(["#version: 0.2", *merges]) + "\n"
+
+
+def write_transformers(model, vocab, export_dir, dtype, provenance):
+    """The transformers folder for `model` and its vocabulary; returns how many weights it holds."""
+    try:
+        # from the same two files tokenizer.py builds its encoding from, checked against the same hashes
+        encoder, merges = tokenizer_files(vocab)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"cannot read GPT-2's tokenizer files: {e}")
+    weights = gpt2_weights(model, dtype)
+    as_json = lambda d: (json.dumps(d, indent=2) + "\n").encode()
+    write_folder(export_dir, {
+        "config.json": as_json(gpt2_config(model, dtype, provenance)),
+        "generation_config.json": as_json(generation_config(model.config.vocab_size - 1)),
+        "model.safetensors": safetensors_bytes(weights, metadata={"format": "pt"}),
+        "tokenizer_config.json": as_json(tokenizer_config(model)),
+        "vocab.json": encoder.encode(),
+        "merges.txt": merges.encode(),
+    })
+    return sum(w.numel() for w in weights.values())
+
+
+# -----------------------------------------------------------------------------
+# GGUF: llama.cpp's gpt2, written with the gguf package (llama.cpp's own writer of the format)
+
+
+def gguf_tensors(model, dtype):
+    """{GGUF name: array} in llama.cpp's gpt2 layout. A Linear's (out, in) weight is already the (in, out) matrix
+    llama.cpp reads: GGUF lists a tensor's dimensions innermost first. llama.cpp's gpt2 has a bias in every
+    Linear and LayerNorm, so zeros stand in for absent ones; the embedding loses its padding rows."""
+    c = model.config
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    out = {"token_embd.weight": sd["wte.weight"][:c.vocab_size], "position_embd.weight": sd["wpe.weight"]}
+    pairs = [("ln_f", "output_norm")] + [(f"h.{i}.{ours}", f"blk.{i}.{theirs}") for i in range(c.n_layer)
+                                         for ours, theirs in names.items()]
+    for ours, theirs in pairs:
+        weight = sd[f"{ours}.weight"]
+        out[f"{theirs}.weight"] = weight
+        out[f"{theirs}.bias"] = sd.get(f"{ours}.bias", torch.zeros(weight.size(0)))
+    # llama.cpp keeps norms and biases in float32 whatever the file's type
+    return {k: (v.to(dtype) if v.dim() == 2 else v).contiguous().numpy() for k, v in out.items()}
+
+
+def write_gguf(model, vocab, export_dir, dtype, provenance):
+    """export_dir/model.gguf for `model` and its vocabulary; returns how many weights it holds."""
+    import gguf  # only here: nothing else needs it
+
+    c = model.config
+    eot = c.vocab_size - 1  # <|endoftext|> is the last id of every vocabulary
+    tokens, merges = token_strings(vocab)
+    tensors = gguf_tensors(model, dtype)
+
+    def write(path):
+        writer = gguf.GGUFWriter(path, arch="gpt2")
+        writer.add_name("tinystories-gpt")
+        writer.add_string(f"{MARKER}.provenance", json.dumps(provenance))
+        writer.add_context_length(c.block_size)  # learned positions: llama.cpp must not go past them
+        writer.add_embedding_length(c.n_embd)
+        writer.add_feed_forward_length(4 * c.n_embd)
+        writer.add_block_count(c.n_layer)
+        writer.add_head_count(c.n_head)
+        writer.add_layer_norm_eps(1e-5)  # nn.LayerNorm's
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == torch.float16 else gguf.LlamaFileType.ALL_F32)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")  # GPT-2's pre-tokenizer regex: without it llama.cpp splits text otherwise
+        writer.add_token_list(tokens)
+        writer.add_token_types([gguf.TokenType.NORMAL] * eot + [gguf.TokenType.CONTROL])
+        writer.add_token_merges(merges)
+        # every story follows an end-of-text token, as sample.py starts them: it begins and ends a sequence
+        writer.add_bos_token_id(eot)
+        writer.add_eos_token_id(eot)
+        writer.add_add_bos_token(True)
+        for name, array in tensors.items():
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write_folder(export_dir, {GGUF_FILE: write})
+    return sum(a.size for a in tensors.values())
+
+
+# -----------------------------------------------------------------------------
+# The folder: never replacing what export.py did not write, and replaced whole
 
 
 def check_export_dir(path):
@@ -126,16 +252,21 @@ def check_export_dir(path):
     if os.path.islink(path) or not os.path.isdir(path):
         raise UserError(f"--export_dir={path} is not a folder: pick another --export_dir")
     names = sorted(os.listdir(path))
-    foreign = [n for n in names if n not in FILES]
-    if not names or not foreign and is_marked(os.path.join(path, "config.json")):
+    foreign = [n for n in names if n not in (*FILES, GGUF_FILE)]
+    if not names or not foreign and is_marked(path, names):
         return  # empty, or an earlier export: it may be replaced
     raise UserError(f"{path} holds files export.py did not write ({', '.join((foreign or names)[:3])}): refusing "
                     f"to replace it; pick another --export_dir")
 
 
-def is_marked(config_json):
+def is_marked(path, names):
+    """Whether the folder's config.json or GGUF file says export.py wrote it."""
     try:
-        with open(config_json) as f:
+        if GGUF_FILE in names:
+            import gguf
+
+            return f"{MARKER}.provenance" in gguf.GGUFReader(os.path.join(path, GGUF_FILE)).fields
+        with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError):
         return False
@@ -144,9 +275,10 @@ def is_marked(config_json):
 
 def write_folder(path, files):
     """
-    Write {file name: bytes} as the folder `path`: first into a temporary folder beside it, then renamed into
-    place, so a crash or a full disk leaves the earlier export (or nothing) whole. (A kill between the two
-    renames below leaves the earlier export in .{name}.tmp-*.old beside it.)
+    Write {file name: bytes, or a function that writes the file at the path it is given} as the folder `path`:
+    first into a temporary folder beside it, then renamed into place, so a crash or a full disk leaves the earlier
+    export (or nothing) whole. (A kill between the two renames below leaves the earlier export in
+    .{name}.tmp-*.old beside it.)
     """
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -156,9 +288,18 @@ def write_folder(path, files):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
         for file, data in files.items():
-            with open(os.path.join(tmp, file), "wb") as f:
-                f.write(data)
-                f.flush()
+            if callable(data):
+                try:
+                    data(os.path.join(tmp, file))
+                except OSError as e:
+                    if e.errno is not None:
+                        raise
+                    # numpy (the GGUF writer's) says only that a write fell short: the OS refused the rest
+                    raise OSError(errno.ENOSPC, f"the disk refused a write: full, or over a size limit ({e})", file)
+            else:
+                with open(os.path.join(tmp, file), "wb") as f:
+                    f.write(data)
+            with open(os.path.join(tmp, file), "rb+") as f:
                 os.fsync(f.fileno())  # on disk before the rename makes it visible
         if os.path.exists(path):  # an earlier export (checked): moved aside, dropped once the new one is in place
             old = tmp + ".old"
@@ -174,46 +315,6 @@ def write_folder(path, files):
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-
-
-def write_export(model, vocab, export_dir, provenance):
-    """Write the folder for `model` and its vocabulary; returns how many weights it holds."""
-    check_export_dir(export_dir)
-    try:
-        # from the same two files tokenizer.py builds its encoding from, checked against the same hashes
-        encoder, merges = tokenizer_files(vocab)
-    except (ImportError, ValueError) as e:
-        raise UserError(f"cannot read GPT-2's tokenizer files: {e}")
-    weights = gpt2_weights(model)
-    as_json = lambda d: (json.dumps(d, indent=2) + "\n").encode()
-    write_folder(export_dir, {
-        "config.json": as_json(gpt2_config(model, provenance)),
-        "generation_config.json": as_json(generation_config(model.config.vocab_size - 1)),
-        "model.safetensors": safetensors_bytes(weights, metadata={"format": "pt"}),
-        "tokenizer_config.json": as_json(tokenizer_config(model)),
-        "vocab.json": encoder.encode(),
-        "merges.txt": merges.encode(),
-    })
-    return sum(w.numel() for w in weights.values())
-
-
-def export_path(cfg):
-    return cfg["export_dir"] or os.path.join(cfg["out_dir"], "hf")
-
-
-def export(cfg):
-    """Write the checkpoint cfg names as a transformers folder; returns the folder's path."""
-    path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
-    export_dir = export_path(cfg)
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
-    if model.config.value_embed:
-        raise UserError(f"{path} has value embeddings (--value_embed=True, as the CPU presets train), which GPT-2's "
-                        f"architecture lacks: to export, train with --value_embed=False")
-    n = write_export(model, ckpt["vocab"], export_dir, {"checkpoint": cfg["checkpoint"], "step": ckpt.get("step")})
-    print(f"wrote {export_dir}: GPT-2 for transformers, {n:,} weights and a {model.config.vocab_size:,}-token "
-          f"vocabulary from {path}")
-    return export_dir
 
 
 def main(argv):

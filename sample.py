@@ -13,8 +13,10 @@ import sys
 
 import torch
 
-from config import SCRIPTS, UserError, get_config
-from model import autocast_context, load_checkpoint, model_from_checkpoint, pick_device
+import checkpoint
+from config import SAMPLING, SCRIPTS, UserError, get_config
+from model import generate
+from runtime import autocast_context, pick_device
 from tokenizer import get_tokenizer
 
 
@@ -36,10 +38,8 @@ def read_prompt(start):
 
 
 def load_model(cfg, device):
-    """The checkpoint's model, on device, and its tokenizer."""
-    path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
+    """The checkpoint's model, on device, and its tokenizer: the checkpoint's vocabulary."""
+    ckpt, model = checkpoint.load(os.path.join(cfg["out_dir"], cfg["checkpoint"]))
     return model.to(device).eval(), get_tokenizer(ckpt["vocab"])
 
 
@@ -50,8 +50,8 @@ def generate_text(model, enc, prompt_ids, cfg, generator, out=None):
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     pieces = []
-    for token, _ in model.generate(idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"],
-                                   generator):
+    for token, _ in generate(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"],
+                             generator):
         token = token.item()
         if token == enc.eot_token and cfg["stop_at_eot"]:
             break
@@ -63,6 +63,22 @@ def generate_text(model, enc, prompt_ids, cfg, generator, out=None):
     if out is not None:
         out.write(pieces[-1])
     return "".join(pieces)
+
+
+@torch.no_grad()
+def short_story(model, enc, max_new_tokens, seed, ctx, prompt="Once upon a time"):
+    """The prompt and what the model writes after it, at this script's default settings and the given seed
+    (train.py writes one at every evaluation)."""
+    ids = [enc.eot_token] + enc.encode_ordinary(prompt)
+    if len(ids) > model.config.block_size:  # a context too short for the prompt: a story from nothing
+        ids, prompt = ids[:1], ""
+    training = model.training
+    model.eval()  # no dropout
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+    with ctx:
+        story = generate_text(model, enc, ids, {**SAMPLING, "max_new_tokens": max_new_tokens}, generator)
+    model.train(training)
+    return prompt + story
 
 
 def sample(cfg, out=sys.stdout):

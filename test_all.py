@@ -14,6 +14,7 @@ a file, a row of the log), never for a guessed time.
 import contextlib
 import gzip
 import io
+import itertools
 import json
 import math
 import os
@@ -30,14 +31,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import config
 import export as export_script
-import model as model_script
 import prepare
+import runtime
+import sources
 import sample as sample_script
 import tokenizer
 import train as train_script
-from model import GPT, GPTConfig, sample_token
+from bins import Bin, load_bins
+from evaluate import evaluate_split
+from model import GPT, GPTConfig, generate, sample_token
+from muon import Muon, orthogonalize
 from tokenizer import GPT2_VOCAB_SIZE, get_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +63,7 @@ torch.set_num_threads(1)
 
 
 def demo_stories():
-    with open(prepare.DEMO_CORPUS) as f:
+    with open(sources.DEMO_CORPUS) as f:
         return [s.strip() for s in f.read().split("<|endoftext|>") if s.strip()]
 
 
@@ -143,7 +149,7 @@ def enc():
 def demo_data(tmp_path_factory):
     """The demo corpus, prepared once with the default (compact) vocabulary: data_dir and meta."""
     data_dir = tmp_path_factory.mktemp("demo_data")
-    meta = prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir))
+    meta = prepare.prepare(prepare_cfg(sources.DEMO_CORPUS, data_dir))
     return data_dir, meta
 
 
@@ -151,7 +157,7 @@ def demo_data(tmp_path_factory):
 def gpt2_data(tmp_path_factory):
     """The demo corpus in GPT-2's own 50,257 ids."""
     data_dir = tmp_path_factory.mktemp("gpt2_data")
-    meta = prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir, vocab_size=GPT2_VOCAB_SIZE))
+    meta = prepare.prepare(prepare_cfg(sources.DEMO_CORPUS, data_dir, vocab_size=GPT2_VOCAB_SIZE))
     return data_dir, meta
 
 
@@ -219,14 +225,16 @@ NONSENSE = dict(
     seed=-1, n_layer=0, n_head=0, n_embd=-8, block_size=0, dropout=1.0, init_from="pretrained", optimizer="sgd",
     muon_lr=0.0, momentum_warmup=-1, batch_size=0, gradient_accumulation_steps=0, max_iters=0, learning_rate=0.0,
     min_lr=-1e-4, warmup_iters=-2, lr_decay_iters=0, weight_decay=-0.1, muon_weight_decay=-0.1, beta1=1.0, beta2=1.5,
-    grad_clip=-1.0, eval_interval=0, eval_iters=0, log_interval=0, num_samples=0, max_new_tokens=0, temperature=-0.5,
-    top_k=0, top_p=0.0, preset="gpu", export_dir=" ",
+    grad_clip=-1.0, eval_interval=0, eval_iters=0, log_interval=0, eval_sample=-1, num_samples=0, max_new_tokens=0,
+    temperature=-0.5,
+    top_k=0, top_p=0.0, preset="gpu", format="onnx", export_dir=" ",
 )
 ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed"}
 BAD_COMBINATIONS = {  # the keys of each rule in config.combinations -> flags that break it
     ("n_embd", "n_head"): ["--n_head=5"],
     ("warmup_iters", "lr_decay_iters"): ["--warmup_iters=100", "--lr_decay_iters=50"],
     ("eval_only", "init_from"): ["--eval_only=True"],
+    ("format", "dtype"): ["--dtype=bfloat16"],
 }
 
 
@@ -410,7 +418,7 @@ def test_every_local_format_gives_the_same_bins_and_drops_empty_stories(tmp_path
         out = tmp_path / f"out_{fmt}"
         meta = prepare.prepare(prepare_cfg(tmp_path / fmt, out))
         assert meta["splits"]["train"]["stories"] == 40 and meta["splits"]["validation"]["stories"] == len(stories) - 40
-        bins[fmt] = [(out / f"{s}.bin").read_bytes() for s in prepare.SPLITS]
+        bins[fmt] = [(out / f"{s}.bin").read_bytes() for s in sources.SPLITS]
         ids = read_bin(out / "train.bin")
         lone = (ids[1:] == meta["eot"]) & (ids[:-1] == meta["eot"])  # an end-of-text with no story before it
         assert ids[0] != meta["eot"] and not lone.any(), fmt
@@ -426,15 +434,15 @@ def test_rerun_skips_and_force_or_another_vocabulary_rebuilds(demo_data, tmp_pat
     shutil.copytree(demo_data[0], tmp_path / "d")
     data_dir, meta = tmp_path / "d", demo_data[1]
     before = tree_state(data_dir)
-    assert prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir)) == meta
+    assert prepare.prepare(prepare_cfg(sources.DEMO_CORPUS, data_dir)) == meta
     assert "up to date" in capsys.readouterr().out
     assert tree_state(data_dir) == before
-    prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir, force=True))
+    prepare.prepare(prepare_cfg(sources.DEMO_CORPUS, data_dir, force=True))
     after = tree_state(data_dir)
-    for split in prepare.SPLITS:
+    for split in sources.SPLITS:
         path = str(data_dir / f"{split}.bin")
         assert after[path][2] == before[path][2] and after[path][1] != before[path][1]
-    assert prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, data_dir, vocab_size=4096))["vocab_size"] == 4096
+    assert prepare.prepare(prepare_cfg(sources.DEMO_CORPUS, data_dir, vocab_size=4096))["vocab_size"] == 4096
 
 
 def test_offline_the_hub_falls_back_to_the_demo_corpus(tmp_path):
@@ -442,12 +450,12 @@ def test_offline_the_hub_falls_back_to_the_demo_corpus(tmp_path):
     r = run("prepare.py", f"--data_dir={tmp_path / 'a'}")
     assert r.returncode == 0, r.stderr
     assert "Cannot reach the Hugging Face hub" in r.stdout and "--dataset=PATH" in r.stdout
-    assert read_meta(tmp_path / "a")["source"]["file"]["path"] == prepare.DEMO_CORPUS
+    assert read_meta(tmp_path / "a")["source"]["file"]["path"] == sources.DEMO_CORPUS
     # HF_HUB_OFFLINE=1, as users set it, and nothing in datasets' cache: the same, saying what to do
     r = run("prepare.py", f"--data_dir={tmp_path / 'b'}", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 0, r.stderr
     assert "HF_HUB_OFFLINE is set" in r.stdout and "unset HF_HUB_OFFLINE, or pass --dataset=PATH" in r.stdout
-    assert read_meta(tmp_path / "b")["source"]["file"]["path"] == prepare.DEMO_CORPUS
+    assert read_meta(tmp_path / "b")["source"]["file"]["path"] == sources.DEMO_CORPUS
     # another hub dataset cannot fall back: one line
     r = run("prepare.py", "--dataset=someone/stories", f"--data_dir={tmp_path / 'c'}", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 1 and "HF_HUB_OFFLINE is set" in error_line(r) and "Traceback" not in r.stderr
@@ -461,7 +469,7 @@ def test_the_hub_check_gives_up_on_a_resolver_that_never_answers(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", hanging)
     monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
     start = time.monotonic()
-    answered.append(prepare.hub_reachable(timeout=0.2))
+    answered.append(sources.hub_reachable(timeout=0.2))
     assert answered == [False]
     assert time.monotonic() - start < 60  # a generous bound: only a hang fails it
 
@@ -495,7 +503,7 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 
 def test_prepare_never_clobbers_foreign_files(tmp_path):
     (tmp_path / "train.bin").write_bytes(b"precious")
-    r = run("prepare.py", f"--dataset={prepare.DEMO_CORPUS}", f"--data_dir={tmp_path}")
+    r = run("prepare.py", f"--dataset={sources.DEMO_CORPUS}", f"--data_dir={tmp_path}")
     assert r.returncode == 1 and "refusing to overwrite" in r.stderr
     assert (tmp_path / "train.bin").read_bytes() == b"precious"
 
@@ -519,7 +527,7 @@ def test_prepare_killed_mid_write_leaves_nothing_finished(tmp_path):
         assert run_until_it_calls(call, path, "prepare.py", *args).returncode == -signal.SIGKILL
         assert not prepare.is_complete(prepare.read_meta(out), out)
         with pytest.raises(config.UserError):  # train.py refuses what is there
-            train_script.load_bins(out, 16)
+            load_bins(out, 16)
     # and once at whatever moment the bin's first bytes are seen from outside
     p = subprocess.Popen([sys.executable, "prepare.py", *args], cwd=HERE, env=OFFLINE_ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -531,9 +539,9 @@ def test_prepare_killed_mid_write_leaves_nothing_finished(tmp_path):
         assert (out / "train.bin").read_bytes() == (reference / "train.bin").read_bytes()
     else:
         with pytest.raises(config.UserError):
-            train_script.load_bins(out, 16)
+            load_bins(out, 16)
     assert run("prepare.py", *args).returncode == 0
-    for split in prepare.SPLITS:
+    for split in sources.SPLITS:
         assert (out / f"{split}.bin").read_bytes() == (reference / f"{split}.bin").read_bytes()
 
 
@@ -589,7 +597,7 @@ def test_fused_loss_equals_plain_cross_entropy(monkeypatch):
     for fused in (False, True):
         model.fused_loss = fused
         model.zero_grad()
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)  # as a training step asks for it
         (2 * loss).backward()  # a non-unit upstream gradient, as gradient accumulation gives
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
@@ -600,9 +608,9 @@ def test_fused_loss_equals_plain_cross_entropy(monkeypatch):
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, *a, **k: allocated.append(t.shape) or empty_like(t, *a, **k))
     with torch.no_grad():
-        assert model(x, y)[1].item() == pytest.approx(grads[0][0], rel=1e-6)
+        assert model(x, y, return_logits=False)[1].item() == pytest.approx(grads[0][0], rel=1e-6)
     assert allocated == []
-    model(x, y)[1].backward()
+    model(x, y, return_logits=False)[1].backward()
     assert model.wte.weight.shape in allocated  # (training does allocate them: the check above can fail)
 
 
@@ -648,11 +656,12 @@ def test_muon_weight_decay_shrinks_the_blocks_matrices_by_lr_times_decay():
     for decay in (0.0, 0.1):
         cfg = {**config.TRAINING, "muon_weight_decay": decay}
         _, muon = train_script.make_optimizers(model, cfg, torch.device("cpu"))
-        before = [p.detach().clone() for p in muon.param_groups[0]["params"]]
-        for p in muon.param_groups[0]["params"]:
+        params = [p for group in muon.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params]
+        for p in params:
             p.grad = torch.zeros_like(p)  # no gradient: the update is zero, and only the decay moves a weight
         muon.step()
-        after = muon.param_groups[0]["params"]
+        after = [p for group in muon.param_groups for p in group["params"]]
         assert len(after) == len(before) == 4 * TINY_MODEL["n_layer"]  # c_attn, attn.c_proj, c_fc, mlp.c_proj
         for p, old in zip(after, before):
             assert torch.allclose(p, old * (1 - cfg["muon_lr"] * decay))
@@ -667,7 +676,7 @@ def test_a_resumed_run_keeps_the_saved_moments_but_takes_its_own_decay_and_betas
         optimizer.step()
     now = {**config.TRAINING, "weight_decay": 0.5, "muon_weight_decay": 0.2, "beta2": 0.99}
     resumed = train_script.make_optimizers(model, now, torch.device("cpu"))
-    train_script.load_optimizer_state(resumed, [o.state_dict() for o in saved])
+    checkpoint.load_optimizer_state(resumed, [o.state_dict() for o in saved])
     adamw, muon = resumed
     assert adamw.param_groups[0]["weight_decay"] == 0.5 and adamw.param_groups[1]["weight_decay"] == 0.0
     assert all(g["betas"] == (now["beta1"], 0.99) for g in adamw.param_groups)
@@ -679,7 +688,7 @@ def test_a_resumed_run_keeps_the_saved_moments_but_takes_its_own_decay_and_betas
 
 def test_get_batch(demo_data):
     data_dir, _ = demo_data
-    bins, _ = train_script.load_bins(data_dir, 16)
+    bins, _ = load_bins(data_dir, 16)
     data = read_bin(data_dir / "train.bin")
     batches = [train_script.get_batch(bins["train"], 4, 16, torch.Generator().manual_seed(1), torch.device("cpu"))
                for _ in range(2)]
@@ -720,7 +729,7 @@ def test_muon_orthogonalizes_each_update():
         U = torch.linalg.qr(torch.randn(batch, rows, k, generator=g)).Q
         V = torch.linalg.qr(torch.randn(batch, cols, k, generator=g)).Q
         G = U @ torch.diag_embed(torch.logspace(-1, 1, k).expand(batch, k)) @ V.mT
-        core = U.mT @ train_script.orthogonalize(G) @ V  # the result in G's singular bases
+        core = U.mT @ orthogonalize(G) @ V  # the result in G's singular bases
         diagonal = torch.diagonal(core, dim1=-2, dim2=-1)
         assert ((diagonal > 0.6) & (diagonal < 1.25)).all(), diagonal  # every singular value near 1,
         assert (core - torch.diag_embed(diagonal)).abs().max() < 1e-4  # the singular vectors unchanged
@@ -731,7 +740,9 @@ def test_muon_orthogonalizes_each_update():
     before = {name: p.detach().clone() for name, p in matrices.items()}
     for p in matrices.values():
         p.grad = torch.randn(p.shape, generator=g)
-    train_script.Muon(list(matrices.values()), lr=0.1).step()
+    _, muon = train_script.make_optimizers(model, {**config.TRAINING, "muon_lr": 0.1}, torch.device("cpu"))
+    assert {id(p) for group in muon.param_groups for p in group["params"]} == {id(p) for p in matrices.values()}
+    muon.step()
     for name, p in matrices.items():
         moved = (before[name] - p.detach()) / 0.1
         rows, cols = p.shape
@@ -783,7 +794,29 @@ def test_resume_equals_an_uninterrupted_run(demo_data, tmp_path):
     straight_rows, resumed_rows = logged(tmp_path / "a"), logged(tmp_path / "b")
     assert [r["step"] for r in straight_rows] == [r["step"] for r in resumed_rows]
     assert all(x.items() <= y.items() for x, y in zip(straight_rows, resumed_rows))
-    assert set(resumed_rows[4]) - set(straight_rows[4]) == {"train_loss", "val_loss"}
+    assert set(resumed_rows[4]) - set(straight_rows[4]) == {"train_loss", "val_loss", "sample"}
+
+
+def test_each_evaluation_writes_a_story_and_changes_nothing_else(demo_data, tmp_path, capsys):
+    data_dir, _ = demo_data
+    common = dict(max_iters=8, eval_interval=4, dropout=0.1)
+    told = train_tiny(data_dir, tmp_path / "a", eval_sample=12, **common)
+    printed = capsys.readouterr()  # before the other runs print
+    quiet = train_tiny(data_dir, tmp_path / "b", eval_sample=0, **common)
+    # the story draws from a generator of its own, with the model in eval mode: the run's RNG is untouched
+    assert same_weights(weights(told["model"]), weights(quiet["model"]))
+    stories = [r["sample"] for r in logged(tmp_path / "a") if "val_loss" in r]
+    assert len(stories) == 3 and all(s.startswith("Once upon a time") for s in stories)
+    # the same prompt and seed each time: with more tokens to write, each story goes on from where it stopped
+    longer = train_tiny(data_dir, tmp_path / "c", eval_sample=24, **common)
+    assert same_weights(weights(told["model"]), weights(longer["model"]))
+    longer_stories = [r["sample"] for r in logged(tmp_path / "c") if "val_loss" in r]
+    assert all(b.startswith(a) for a, b in zip(stories, longer_stories)), (stories, longer_stories)
+    assert any(len(b) > len(a) for a, b in zip(stories, longer_stories))  # (a story may end at end-of-text)
+    assert not any("sample" in r for r in logged(tmp_path / "b"))
+    lines = [line for line in (printed.out + printed.err).splitlines() if " writes: " in line]
+    assert [line.split(" writes: ")[0] for line in lines] == ["step 0", "step 4", "step 8"]
+    assert [line.split(" writes: ")[1] for line in lines] == [s.replace("\n", " ") for s in stories]
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(demo_data, tmp_path, monkeypatch):
@@ -810,28 +843,28 @@ def test_what_a_cpu_picks_stays_out_of_the_checkpoint(demo_data, tmp_path):
     assert "eval_iters" not in chosen and "compile" not in chosen and "max_iters" in chosen
     # what each machine picks from those settings: a CPU keeps evaluations short and stays eager, a GPU does not
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train_script.cpu_eval_iters(cfg, chosen, cpu) == train_script.CPU_EVAL_ITERS
-    assert train_script.cpu_eval_iters(cfg, chosen, cuda) == config.TRAINING["eval_iters"]
-    assert not train_script.wants_compile(cfg, cpu, chosen) and train_script.wants_compile(cfg, cuda, chosen)
+    assert runtime.cpu_eval_iters(cfg, chosen, cpu) == runtime.CPU_EVAL_ITERS
+    assert runtime.cpu_eval_iters(cfg, chosen, cuda) == config.TRAINING["eval_iters"]
+    assert not runtime.wants_compile(cfg, cpu, chosen) and runtime.wants_compile(cfg, cuda, chosen)
     # what the user chose is the run's, wherever it resumes
     train_script.main([*args, "--eval_iters=7", "--compile=False", f"--out_dir={tmp_path / 'b'}"])
     ckpt = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-    resumed, chosen = train_script.run_settings(tiny_cfg(data_dir, tmp_path / "b"), {"max_iters"}, ckpt, "ckpt.pt")
-    assert train_script.cpu_eval_iters(resumed, chosen, cpu) == train_script.cpu_eval_iters(resumed, chosen, cuda) == 7
-    assert not train_script.wants_compile(resumed, cuda, chosen)
+    resumed, chosen = checkpoint.run_settings(tiny_cfg(data_dir, tmp_path / "b"), {"max_iters"}, ckpt, "ckpt.pt")
+    assert runtime.cpu_eval_iters(resumed, chosen, cpu) == runtime.cpu_eval_iters(resumed, chosen, cuda) == 7
+    assert not runtime.wants_compile(resumed, cuda, chosen)
 
 
 def test_compile_on_a_cpu_only_when_asked():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train_script.wants_compile(dict(compile=True), cuda, chosen=())
-    assert not train_script.wants_compile(dict(compile=True), cpu, chosen=())  # the default: eager, fastest
-    assert train_script.wants_compile(dict(compile=True), cpu, chosen={"compile"})  # --compile=True
-    assert not train_script.wants_compile(dict(compile=False), cuda, chosen={"compile"})
+    assert runtime.wants_compile(dict(compile=True), cuda, chosen=())
+    assert not runtime.wants_compile(dict(compile=True), cpu, chosen=())  # the default: eager, fastest
+    assert runtime.wants_compile(dict(compile=True), cpu, chosen={"compile"})  # --compile=True
+    assert not runtime.wants_compile(dict(compile=False), cuda, chosen={"compile"})
     # through the command line: --compile=True given, with or without a preset, and not given
     for argv, wanted in ((["--compile=True"], True), (["--preset=cpu", "--compile=True"], True), ([], False),
                          (["--max_iters=5"], False)):
         cfg, chosen = config.get_config(argv, [config.SYSTEM, config.MODEL, config.TRAINING])
-        assert train_script.wants_compile(cfg, cpu, chosen) == wanted, argv
+        assert runtime.wants_compile(cfg, cpu, chosen) == wanted, argv
 
 
 def test_without_a_compiler_it_trains_eagerly_and_says_why(demo_data, tmp_path, monkeypatch, capsys):
@@ -844,7 +877,7 @@ def test_without_a_compiler_it_trains_eagerly_and_says_why(demo_data, tmp_path, 
                      f"found (--compile=False says so quietly)"]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
     from torch.utils._triton import has_triton
-    assert (train_script.compiler_missing(torch.device("cuda")) is None) == has_triton()
+    assert (runtime.compiler_missing(torch.device("cuda")) is None) == has_triton()
 
 
 def test_train_bad_inputs(demo_data, gpt2_data, tmp_path):
@@ -941,7 +974,7 @@ def test_kill_9_at_any_moment_never_damages_the_run(demo_data, tmp_path):
         assert (out / "ckpt.pt").read_bytes() == before["ckpt.pt"]  # the checkpoint the run had, whole
         if path == "best.pt.tmp":
             assert (out / "best.pt").read_bytes() == before["best.pt"]
-        assert model_script.load_checkpoint(str(out / "best.pt"))["step"] in (3, 6)  # the old or the new, whole
+        assert checkpoint.load(str(out / "best.pt"))[0]["step"] in (3, 6)  # the old or the new, whole
     # and at random moments, judged by the rows the run has logged
     rng = np.random.default_rng(0)
     for trial in range(2):
@@ -954,7 +987,7 @@ def test_kill_9_at_any_moment_never_damages_the_run(demo_data, tmp_path):
         p.kill()
         p.wait()
         assert p.returncode == -signal.SIGKILL
-        model_script.load_checkpoint(str(out / "ckpt.pt"))  # whatever the moment, the file on disk is whole
+        checkpoint.load(str(out / "ckpt.pt"))[0]  # whatever the moment, the file on disk is whole
     end = f"--max_iters={torch.load(out / 'ckpt.pt', weights_only=True)['step'] + 7}"
     assert run("train.py", f"--out_dir={out}", "--init_from=resume", end).returncode == 0
     straight = tmp_path / "straight"
@@ -1000,7 +1033,7 @@ def test_a_cpu_run_says_what_it_will_cost_before_the_first_evaluation(demo_data,
         p.wait()
     note = lines[-1]
     assert not any(line.startswith("step ") for line in lines)
-    assert "max_iters=5000" in note and "--preset=cpu" in note and f"eval_iters={train_script.CPU_EVAL_ITERS}" in note
+    assert "max_iters=5000" in note and "--preset=cpu" in note and f"eval_iters={runtime.CPU_EVAL_ITERS}" in note
     assert any(f"M in all (the head is tied to the {config.DATA['vocab_size']:,}-token embedding)" in line for line in lines)
     assert not (tmp_path / "ckpt.pt").exists()
 
@@ -1041,9 +1074,9 @@ def test_full_disk_keeps_the_previous_files(demo_data, tmp_path):
     assert same_rows_and_more(before.pop(log)[2], after.pop(log)[2]) and after == before
     # the same for prepare.py: a failure while writing a bin leaves the finished bins alone
     prepared = tmp_path / "data"
-    prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, prepared))
+    prepare.prepare(prepare_cfg(sources.DEMO_CORPUS, prepared))
     bins = tree_state(prepared)
-    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--dataset={prepare.DEMO_CORPUS}",
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), f"--dataset={sources.DEMO_CORPUS}",
                         f"--data_dir={prepared}", "--force=True"], env=OFFLINE_ENV, capture_output=True, text=True,
                        timeout=120, preexec_fn=small_disk(10_000))  # train.bin is ~30 KB
     last = error_line(r)
@@ -1059,7 +1092,7 @@ def test_a_truncated_or_odd_sized_bin_is_refused(demo_data, tmp_path):
         with open(copy / "train.bin", "r+b") as f:
             f.truncate(os.path.getsize(copy / "train.bin") - cut)
         with pytest.raises(config.UserError, match="truncated"):
-            train_script.load_bins(copy, 16)
+            load_bins(copy, 16)
 
 
 def torchrun(*args, nproc=2):
@@ -1182,7 +1215,7 @@ def test_a_ddp_rank_that_dies_ends_the_run(demo_data, tmp_path):
     os.kill(int((tmp_path / "rank1.pid").read_text()), signal.SIGKILL)
     _, err = p.communicate(timeout=200)
     assert p.returncode != 0 and "Signal 9 (SIGKILL)" in err, err[-2000:]
-    model_script.load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))  # what was saved still loads
+    checkpoint.load(str(tmp_path / "a" / "ckpt.pt"))[0]  # what was saved still loads
     # two processes started by hand, as on two machines: no agent, rank 0 notices the lost peer by itself
     envs = by_hand(args)
     procs = [subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'b'}"], env=e, stdout=subprocess.PIPE,
@@ -1244,7 +1277,7 @@ def counted_ddp_run(demo_data, tmp_path_factory):
         f"sys.path.insert(0, {HERE!r})\n"
         "import torch.distributed as dist\n"
         "import train\n"
-        "train.PEAK_FLOPS = {'cpu': 1e9}\n"
+        "import runtime\nruntime.PEAK_FLOPS = {'cpu': 1e9}\n"
         "calls, real = [0], dist.all_reduce\n"
         "def counted(*args, **kwargs):\n"
         "    calls[0] += 1\n"
@@ -1419,19 +1452,19 @@ def test_the_hub_check_goes_through_the_users_proxy(monkeypatch):
     for k in [k for k in os.environ if k.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
-    assert not prepare.hub_reachable()
+    assert not sources.hub_reachable()
     proxy = FakeProxy()
     try:
         monkeypatch.setenv("HTTP_PROXY", proxy.url)
-        assert prepare.hub_reachable() and any("hub.invalid" in line for line in proxy.requests), proxy.requests
-        assert prepare.find_source(prepare.HUB_DATASET, 0.05) == dict(kind="hub", name=prepare.HUB_DATASET)
+        assert sources.hub_reachable() and any("hub.invalid" in line for line in proxy.requests), proxy.requests
+        assert sources.find_source(sources.HUB_DATASET, 0.05) == dict(kind="hub", name=sources.HUB_DATASET)
         monkeypatch.setenv("NO_PROXY", "hub.invalid")  # a host the proxy must not be used for: direct, and unreachable
-        assert not prepare.hub_reachable()
+        assert not sources.hub_reachable()
     finally:
         proxy.close()
     monkeypatch.delenv("NO_PROXY")
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy that is not there: unreachable, quickly
-    assert not prepare.hub_reachable()
+    assert not sources.hub_reachable()
 
 
 def test_a_context_of_one_token_trains_and_writes(demo_data, tmp_path):
@@ -1439,7 +1472,7 @@ def test_a_context_of_one_token_trains_and_writes(demo_data, tmp_path):
     train_tiny(data_dir, tmp_path, block_size=1, max_iters=3, eval_interval=3)
     stories = sample_script.sample(sample_cfg(tmp_path, max_new_tokens=20, num_samples=1, stop_at_eot=False,
                                               temperature=0.0), out=None)
-    model = model_script.model_from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=True), "ckpt.pt").eval()
+    model = checkpoint.load(str(tmp_path / "ckpt.pt"))[1].eval()
     tokens, _ = steps(model, torch.zeros(1, 1, dtype=torch.long), 20, use_cache=True)
     tokens2, _ = steps(model, torch.zeros(1, 1, dtype=torch.long), 20, use_cache=False)
     assert len(stories) == 1 and torch.equal(tokens, tokens2)
@@ -1455,8 +1488,8 @@ def missing_for_cpu_compile():
     """What torch.compile on a CPU (inductor: C++ kernels built as Python extensions) needs and this machine lacks."""
     import sysconfig
 
-    if train_script.compiler_missing(torch.device("cpu")):
-        return train_script.compiler_missing(torch.device("cpu"))
+    if runtime.compiler_missing(torch.device("cpu")):
+        return runtime.compiler_missing(torch.device("cpu"))
     if not os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")):
         return "Python's C headers (Python.h: the python3-dev package)"
     return None
@@ -1512,7 +1545,7 @@ def compiled_runs(demo_data, tmp_path_factory):
     common = dict(dtype="bfloat16", max_iters=4, eval_interval=2, warmup_iters=1, lr_decay_iters=4)
     runs = {}
     with pytest.MonkeyPatch.context() as mp, deterministic():
-        mp.setattr(train_script, "PEAK_FLOPS", {"cpu": 1e6})  # a made-up peak: the progress bar shows MFU
+        mp.setattr(runtime, "PEAK_FLOPS", {"cpu": 1e6})  # a made-up peak: the progress bar shows MFU
         for name, compile_, overrides, chosen in (
                 ("eager", False, {}, set()),
                 ("compiled", True, {}, set()),
@@ -1547,7 +1580,7 @@ def test_compiled_bf16_training_agrees_with_eager(compiled_runs):
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
     assert ckpt["model"].keys() == GPT(GPTConfig(**TINY_MODEL)).state_dict().keys()
     assert same_weights(ckpt["model"], weights(compiled["model"]))
-    model_script.model_from_checkpoint(ckpt, "ckpt.pt")  # loads strictly
+    checkpoint.load(str(out_dir / "ckpt.pt"))  # loads strictly
     assert torch.load(out_dir / "best.pt", weights_only=True)["model"].keys() == ckpt["model"].keys()
 
 
@@ -1630,7 +1663,7 @@ def trained(demo_data, tmp_path_factory):
 
 def steps(model, prompt, n, use_cache, temperature=0.0, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
-    out = list(model.generate(prompt, n, temperature=temperature, generator=g, use_cache=use_cache, **kw))
+    out = list(generate(model, prompt, n, temperature=temperature, generator=g, use_cache=use_cache, **kw))
     return torch.cat([t for t, _ in out], dim=1), torch.stack([l for _, l in out])
 
 
@@ -1656,7 +1689,7 @@ def test_value_embeddings_keep_the_cache_exact_and_the_counts_right():
     (n_params, n_total), (plain_params, plain_total) = model.num_params(), plain.num_params()
     assert n_total - plain_total == model.config.padded_vocab_size * 32 + 2 and n_params - plain_params == 2
     # the lookup costs no FLOPs: only the gates are counted, as every weight is
-    assert model.flops_per_token() - plain.flops_per_token() == 6 * (n_params - plain_params)
+    assert runtime.flops_per_token(model) - runtime.flops_per_token(plain) == 6 * (n_params - plain_params)
     x = torch.randint(0, 300, (2, 6))
     before = model(x)[0]
     for block in model.h:  # the gates start at 0: the model starts as one without value embeddings
@@ -1673,18 +1706,18 @@ def test_cache_with_a_past_and_several_new_tokens(trained):
     x = torch.randint(0, model.config.vocab_size, (1, 12))
     full, _ = model(x)
     cache = KVCache(model.config, 1, x.device, torch.float32)
-    model(x[:, :7], cache=cache)
-    part, _ = model(x[:, 7:], cache=cache)
-    assert torch.allclose(full[:, 7:], part, atol=1e-5)
+    model.hidden(x[:, :7], cache)
+    part = model.lm_head(model.hidden(x[:, 7:], cache))
+    assert cache.pos == 12 and torch.allclose(full[:, 7:], part, atol=1e-5)
 
 
-def test_decoding_head_follows_the_weights(trained):
-    # generate() keeps a transposed copy of the head: it must be rebuilt whenever the weights change
+def test_generation_follows_the_weights(trained):
+    # generate() reads a transposed copy of the head: a copy of the weights as they are now
     model = GPT(trained[1].config).eval()
     V = model.config.vocab_size
     x = torch.randint(0, V, (1, 5))
     for _ in range(2):
-        _, logits = next(model.generate(x, 1, temperature=0))
+        _, logits = next(generate(model, x, 1, temperature=0))
         assert torch.allclose(logits, model(x)[0][:, -1, :V], atol=1e-5)
         model.load_state_dict(trained[1].state_dict())  # in place, as a resume or an optimizer step would
 
@@ -1750,31 +1783,23 @@ def test_sample_speaks_the_checkpoints_vocabulary(trained, demo_data):
     prompt = "Once upon a time, Caf\u00e9 \U0001F600"
     story = sample_script.sample(sample_cfg(out_dir, start=prompt, temperature=0.0, num_samples=1), out=None)[0]
     ids = [compact.eot_token] + compact.encode_ordinary(prompt)
-    tokens = torch.cat([t for t, _ in model.generate(torch.tensor([ids]), 40, temperature=0.0)], dim=1)[0].tolist()
+    tokens = torch.cat([t for t, _ in generate(model, torch.tensor([ids]), 40, temperature=0.0)], dim=1)[0].tolist()
     if compact.eot_token in tokens:
         tokens = tokens[:tokens.index(compact.eot_token)]
     assert story == prompt + compact.decode(tokens)
 
 
-def test_streaming_never_splits_a_character(trained, demo_data):
+def test_streaming_never_splits_a_character(trained, demo_data, monkeypatch):
     out_dir, model = trained
     compact = get_tokenizer(demo_data[1]["vocab"])
-
-    class Scripted:  # a "model" whose next tokens spell out a string with multi-byte characters
-        def __init__(self, ids):
-            self.ids = ids
-            self.config = model.config
-
-        def parameters(self):
-            return model.parameters()
-
-        def generate(self, idx, n, *args):
-            for t in self.ids[:n]:
-                yield torch.tensor([[t]]), None
-
     text = "Caf\u00e9 \U0001F600 \u4f60\u597d"
     ids = compact.encode_ordinary(text)
     assert any(not compact.decode_single_token_bytes(t).decode("utf-8", "ignore") for t in ids)  # split bytes
+
+    def scripted(model, idx, n, *args):  # a "model" whose next tokens spell out a string with multi-byte characters
+        for t in ids[:n]:
+            yield torch.tensor([[t]]), None
+    monkeypatch.setattr(sample_script, "generate", scripted)
     pieces = []
 
     class Out:
@@ -1784,7 +1809,7 @@ def test_streaming_never_splits_a_character(trained, demo_data):
         def flush(self):
             pass
 
-    got = sample_script.generate_text(Scripted(ids), compact, [compact.eot_token], sample_cfg(out_dir), None, Out())
+    got = sample_script.generate_text(model, compact, [compact.eot_token], sample_cfg(out_dir), None, Out())
     assert got == text and "".join(pieces) == text and "\ufffd" not in "".join(pieces)
 
 
@@ -1792,8 +1817,8 @@ def test_full_split_evaluation_equals_a_hand_computation(trained, tmp_path):
     _, model = trained
     ids = torch.randint(0, model.config.vocab_size, (50,), generator=torch.Generator().manual_seed(3))
     (tmp_path / "validation.bin").write_bytes(ids.numpy().astype(np.uint16).tobytes())
-    data = train_script.Bin(str(tmp_path / "validation.bin"), 50)
-    loss, ppl, bpb = train_script.evaluate_split(model, data, 123, 16, 2, torch.no_grad(), torch.device("cpu"))
+    data = Bin(str(tmp_path / "validation.bin"), 50)
+    loss, ppl, bpb = evaluate_split(model, data, 123, 16, 2, torch.no_grad(), torch.device("cpu"))
     nats = 0.0
     for start in range(0, 49, 16):  # windows [0,16], [16,32], [32,48], [48,49]: every target once
         window = ids[start:start + 17]
@@ -1817,7 +1842,7 @@ def test_eval_only_prints_one_line_bits_per_byte_first(demo_data, trained):
     assert numbers, line
     bpb, loss, ppl = map(float, numbers.groups())
     # the checkpoint's model, every token of validation.bin, computed here
-    model = model_script.model_from_checkpoint(torch.load(out_dir / "ckpt.pt", weights_only=True), "ckpt.pt").eval()
+    model = checkpoint.load(str(out_dir / "ckpt.pt"))[1].eval()
     ids = torch.from_numpy(read_bin(data_dir / "validation.bin").astype(np.int64))
     nats = 0.0
     with torch.no_grad():
@@ -1875,10 +1900,9 @@ def exported(demo_data, gpt2_data, trained, tmp_path_factory):
     result = {}
     for name, out_dir in (("compact", trained[0]), *runs.items()):
         folder = tmp_path_factory.mktemp("hf") / "export"
-        export_script.export({"out_dir": str(out_dir), "checkpoint": "ckpt.pt", "export_dir": str(folder)})
-        ckpt = model_script.load_checkpoint(str(out_dir / "ckpt.pt"))
-        result[name] = (out_dir, model_script.model_from_checkpoint(ckpt, "ckpt.pt").eval(), get_tokenizer(ckpt["vocab"]),
-                        folder)
+        export_script.main([f"--out_dir={out_dir}", f"--export_dir={folder}"])
+        ckpt, model = checkpoint.load(str(out_dir / "ckpt.pt"))
+        result[name] = (out_dir, model.eval(), get_tokenizer(ckpt["vocab"]), folder)
     return result
 
 
@@ -1920,19 +1944,19 @@ def test_transformers_greedy_tokens_equal_sample_py(exported, hf, no_network):
     out_dir, model, enc, folder = exported["compact"]
     gpt2 = load_exported(hf, folder)
     tokenizer_hf = hf.AutoTokenizer.from_pretrained(folder)
-    generate = hf.pipeline("text-generation", model=str(folder))  # as README shows it
+    pipeline = hf.pipeline("text-generation", model=str(folder))  # as README shows it
     for prompt in ("Lily and Ben went to the park.", ""):  # "" starts a fresh story, as sample.py does
         ids = tokenizer_hf(prompt)["input_ids"]
         assert ids == [enc.eot_token] + enc.encode_ordinary(prompt)  # the start sample.py gives every prompt
         # transformers' GPT-2 stops at the end of the context (sample.py would slide its window on)
         n = model.config.block_size - len(ids)
         theirs = gpt2.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n)[0, len(ids):].tolist()
-        ours = torch.cat([t for t, _ in model.generate(torch.tensor([ids]), n, temperature=0.0)], dim=1)[0].tolist()
+        ours = torch.cat([t for t, _ in generate(model, torch.tensor([ids]), n, temperature=0.0)], dim=1)[0].tolist()
         assert ours[:len(theirs)] == theirs and (len(theirs) == n or theirs[-1] == enc.eot_token)  # stops at EOT
         story = sample_script.sample(sample_cfg(out_dir, start=prompt, temperature=0.0, max_new_tokens=n,
                                                 num_samples=1), out=None)[0]
         assert story == prompt + enc.decode([t for t in theirs if t != enc.eot_token])
-        assert generate(prompt, do_sample=False, max_new_tokens=n)[0]["generated_text"] == story  # README's way
+        assert pipeline(prompt, do_sample=False, max_new_tokens=n)[0]["generated_text"] == story  # README's way
 
 
 @slow
@@ -1942,7 +1966,7 @@ def test_exported_tokenizer_gives_the_projects_ids(exported, hf, no_network, nam
     tokenizer_hf = hf.AutoTokenizer.from_pretrained(folder)
     assert len(tokenizer_hf) == model.config.vocab_size
     assert tokenizer_hf.bos_token_id == tokenizer_hf.eos_token_id == enc.eot_token == model.config.vocab_size - 1
-    with open(prepare.DEMO_CORPUS) as f:
+    with open(sources.DEMO_CORPUS) as f:
         texts = [f.read()]
     if os.path.exists(os.path.join(STORIES, "tinystories-valid.txt.gz")):  # real TinyStories, where there are some
         texts.append("<|endoftext|>".join(real_stories("valid")))
@@ -1961,7 +1985,7 @@ def test_exported_tokenizer_gives_the_projects_ids(exported, hf, no_network, nam
 def test_the_exported_vocabulary_is_gpt2s_restricted(exported, trained):
     # without transformers: vocab.json numbers the kept tokens as the model does; merges.txt makes exactly them
     _, _, enc, folder = exported["compact"]
-    vocab = model_script.load_checkpoint(str(trained[0] / "ckpt.pt"))["vocab"]
+    vocab = checkpoint.load(str(trained[0] / "ckpt.pt"))[0]["vocab"]
     names = json.loads(tokenizer.read_packaged("encoder.json"))
     exported_vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     position = {gpt2_id: i for i, gpt2_id in enumerate(vocab)}
@@ -1984,6 +2008,8 @@ def test_export_refuses_what_it_did_not_write(trained, tmp_path):
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"precious")
     (tmp_path / "hub").mkdir()  # a folder as transformers writes it: the same names, not export.py's
     (tmp_path / "hub" / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "theirs").mkdir()  # someone else's GGUF file, under export.py's name
+    (tmp_path / "theirs" / "model.gguf").write_bytes(b"GGUF" + bytes(100))
     (tmp_path / "a_file").write_text("precious")
     (tmp_path / "corrupt").mkdir()
     (tmp_path / "corrupt" / "ckpt.pt").write_bytes(os.urandom(5000))
@@ -1995,36 +2021,195 @@ def test_export_refuses_what_it_did_not_write(trained, tmp_path):
         ([o, f"--export_dir={tmp_path / 'photos'}"], "photos holds files export.py did not write (cat.jpg)"),
         ([o, f"--export_dir={ours}"], "did not write (README.md)"),
         ([o, f"--export_dir={tmp_path / 'hub'}"], "did not write (config.json)"),
+        ([o, f"--export_dir={tmp_path / 'theirs'}"], "did not write (model.gguf)"),
         ([o, f"--export_dir={tmp_path / 'a_file'}"], "is not a folder"),
         ([o, f"--export_dir={tmp_path}"], "did not write (a_file, corrupt, hub)"),
     ]
     for args, message in cases:
         fails_with(export_script.main, args, message)
-    with pytest.raises(SystemExit) as e:
-        export_script.main([o, "--export_dir= "])
-    assert e.value.code == 2
+        fails_with(export_script.main, [*args, "--format=gguf"], message)
+    for bad in ("--export_dir= ", "--format=onnx", "--dtype=bfloat16"):
+        with pytest.raises(SystemExit) as e:
+            export_script.main([o, bad])
+        assert e.value.code == 2
     assert tree_state(tmp_path) == before and sorted(os.listdir(tmp_path)) == names  # no temporary folder left
 
 
 @slow
-def test_export_replaces_its_own_export_whole(trained, tmp_path):
+@pytest.mark.parametrize("fmt", ["transformers", "gguf"])
+def test_export_replaces_its_own_export_whole(trained, tmp_path, fmt):
     out_dir, _ = trained
     folder = tmp_path / "hf"
-    args = [f"--out_dir={out_dir}", f"--export_dir={folder}"]
+    args = [f"--out_dir={out_dir}", f"--export_dir={folder}", f"--format={fmt}"]
     export_script.main(args)
     first = tree_state(folder)
     export_script.main(args)  # replaces it: the same bytes, new files
     second = tree_state(folder)
-    assert sorted(second) == sorted(first) == sorted(str(folder / f) for f in export_script.FILES)
+    files = export_script.FILES if fmt == "transformers" else [export_script.GGUF_FILE]
+    assert sorted(second) == sorted(first) == sorted(str(folder / f) for f in files)
     assert all(second[f][2] == first[f][2] and second[f][1] != first[f][1] for f in first)
     assert os.listdir(tmp_path) == ["hf"]
     # a full disk (the OS refuses writes past 200 KB, as a full disk would): one line, the export as it was
     r = subprocess.run([sys.executable, os.path.join(HERE, "export.py"), *args], env=OFFLINE_ENV, capture_output=True,
                        text=True, timeout=120, preexec_fn=small_disk(200_000))  # the weights are ~1 MB
     last = error_line(r)
-    assert r.returncode == 1 and last.startswith("error: File too large") and "as it was" in last, r.stderr[-1000:]
-    assert "Traceback" not in r.stderr
+    # (torch.save and numpy, which the GGUF writer uses, say it each their own way)
+    assert r.returncode == 1 and last.startswith(("error: File too large", "error: the disk refused a write")), last
+    assert "as it was" in last and "Traceback" not in r.stderr, r.stderr[-1000:]
     assert tree_state(folder) == second and os.listdir(tmp_path) == ["hf"]
+
+
+# -----------------------------------------------------------------------------
+# export.py --format=gguf: the model in llama.cpp, checked by llama.cpp itself (llama-cpp-python's binding)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama.cpp's Python binding; .ci/run installs it (requirements-llama.txt: it compiles llama.cpp)."""
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -r "
+                                                   "requirements-llama.txt")
+
+
+@pytest.fixture(scope="session")
+def gguf_exported(exported, tmp_path_factory):
+    """{name: (out_dir, model, tokenizer, .gguf path)}: the runs `exported` trained, as GGUF files, in float32 (and
+    the compact one in float16 too, as "compact-f16")."""
+    result = {}
+    for name, (out_dir, model, enc, _) in exported.items():
+        for dtype in ("float32", "float16") if name == "compact" else ("float32",):
+            folder = tmp_path_factory.mktemp("gguf") / "export"
+            export_script.main([f"--out_dir={out_dir}", f"--export_dir={folder}", "--format=gguf", f"--dtype={dtype}"])
+            result[name + ("-f16" if dtype == "float16" else "")] = (out_dir, model, enc, folder / "model.gguf")
+    return result
+
+
+@contextlib.contextmanager
+def llama(llama_cpp, path, n_ctx):
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+    try:
+        yield llm
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_tokenizes_as_the_project_does(gguf_exported, llama_cpp):
+    texts = [s for s in demo_stories()]
+    if os.path.exists(os.path.join(STORIES, "tinystories-valid.txt.gz")):  # real TinyStories, where there are some
+        texts += real_stories("valid")
+    for name in ("compact", "gpt2"):
+        _, model, enc, path = gguf_exported[name]
+        with llama(llama_cpp, path, model.config.block_size) as llm:
+            assert llm.n_vocab() == model.config.vocab_size and llm.token_bos() == llm.token_eos() == enc.eot_token
+            for text in texts:
+                assert llm.tokenize(text.encode(), add_bos=False) == enc.encode_ordinary(text), (name, text[:80])
+            # a prompt begins as sample.py begins one: after the end-of-text token
+            assert llm.tokenize(texts[0].encode()) == [enc.eot_token] + enc.encode_ordinary(texts[0])
+            assert llm.detokenize(enc.encode_ordinary(texts[0])).decode() == texts[0]
+
+
+@pytest.mark.parametrize("name,tolerance", [("compact", 1e-4), ("bias", 1e-4), ("gpt2", 1e-4), ("compact-f16", 2e-2)])
+def test_llama_cpp_computes_the_same_logits(gguf_exported, llama_cpp, name, tolerance):
+    _, model, enc, path = gguf_exported[name]
+    T = model.config.block_size
+    windows = story_windows(enc, 4, T)  # whole windows of the context
+    with llama(llama_cpp, path, T) as llm:
+        for window in windows.tolist():
+            llm.reset()
+            llm.eval(window)
+            theirs = torch.tensor(np.array(llm.scores[:T]))
+            with torch.no_grad():
+                ours = model(torch.tensor([window]))[0][0, :, :model.config.vocab_size]
+            # relative to the largest logit, or absolute for logits below 1; float16 weights round at 1e-3
+            assert (theirs - ours).abs().max().item() < tolerance * max(1.0, ours.abs().max().item()), name
+
+
+def test_llama_cpp_greedy_story_equals_sample_py(gguf_exported, llama_cpp):
+    for name in ("compact", "gpt2"):
+        out_dir, model, enc, path = gguf_exported[name]
+        prompt = "Once upon a time"
+        ids = [enc.eot_token] + enc.encode_ordinary(prompt)
+        n = model.config.block_size - len(ids)  # llama.cpp cannot go past the context: up to its end
+        story = sample_script.sample(sample_cfg(out_dir, start=prompt, temperature=0.0, max_new_tokens=n, num_samples=1,
+                                                stop_at_eot=False), out=None)[0]
+        with llama(llama_cpp, path, model.config.block_size) as llm:
+            tokens = list(itertools.islice(llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0), n))
+        assert prompt + enc.decode(tokens) == story, name
+
+
+# =============================================================================
+# probes.py: the coherence probes are well formed, and scored as they say
+
+
+@pytest.mark.parametrize("split", ["dev", "held-out"])
+def test_probe_items_are_well_formed(split, demo_data, enc):
+    import probes
+
+    items = probes.make_items(split)
+    assert len(items) == len(set(items)) >= 300 and len(probes.KINDS) >= 8
+    compact = get_tokenizer(demo_data[1]["vocab"])
+    for kind in probes.KINDS:
+        mine = [item for item in items if item[0] == kind]
+        assert len(mine) == 100, kind
+        # mirrored: every item's right word is the wrong word of another item of its kind
+        assert sorted((r, w) for _, _, r, w in mine) == sorted((w, r) for _, _, r, w in mine), kind
+        # copying the candidate the prefix mentions last is right exactly half the time (where it mentions them)
+        where = lambda word, text: [m.start() for m in re.finditer(rf"\b{word.strip()}\b", text)]
+        mentioned = [(p, r, w) for _, p, r, w in mine if where(r, p) and where(w, p)]
+        if mentioned:
+            last = sum(where(r, p)[-1] > where(w, p)[-1] for p, r, w in mentioned)
+            assert last * 2 == len(mentioned), (kind, last, len(mentioned))
+    for _, prefix, right, wrong in items:
+        assert right != wrong and right.startswith(" ") and wrong.startswith(" ") and not prefix.endswith(" ")
+        for tokenizer in (enc, compact):  # each candidate is its own tokens after the prefix, in both vocabularies
+            for cand in (right, wrong):
+                assert tokenizer.encode_ordinary(prefix + cand) == \
+                    tokenizer.encode_ordinary(prefix) + tokenizer.encode_ordinary(cand), (prefix, cand)
+        assert len(compact.encode_ordinary(prefix + right)) < 127  # within the smallest context of the presets
+    # the two sets share no item, and no name, thing or place
+    other = probes.make_items("held-out" if split == "dev" else "dev")
+    assert not set(items) & set(other)
+    for words in (probes.GIRLS, probes.BOYS, probes.TOYS, probes.PETS, probes.PLACES, probes.COLORS):
+        assert not set(probes.half(words, "dev")) & set(probes.half(words, "held-out"))
+
+
+def test_probe_scoring_picks_the_higher_total_log_probability():
+    import probes
+
+    items = probes.make_items("dev")
+    answers = {(p, r): True for _, p, r, _ in items}
+    oracle = lambda prefixes, conts: [1.0 if (p, c) in answers else 0.0 for p, c in zip(prefixes, conts)]
+    contrary = lambda prefixes, conts: [-x for x in oracle(prefixes, conts)]
+    undecided = lambda prefixes, conts: [0.0] * len(prefixes)
+    assert set(probes.accuracy(items, oracle).values()) == {1.0}
+    assert set(probes.accuracy(items, contrary).values()) == {0.0}
+    assert set(probes.accuracy(items, undecided).values()) == {0.5}  # a tie is half right
+
+
+def test_a_models_probe_log_probability_equals_a_hand_computation(trained, demo_data):
+    import probes
+
+    _, model = trained  # its context of 16 tokens is shorter than the items: each keeps its last 17 tokens
+    enc = get_tokenizer(demo_data[1]["vocab"])
+    items = probes.make_items("dev")[::97]
+    got = probes.model_logprob(model, enc, torch.device("cpu"), batch_size=4)(
+        [p for _, p, _, _ in items], [r for _, _, r, _ in items])
+    for (_, prefix, right, _), value in zip(items, got):
+        ids = ([enc.eot_token] + enc.encode_ordinary(prefix) + enc.encode_ordinary(right))[-17:]
+        n = len(enc.encode_ordinary(right))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0][0, :, :model.config.vocab_size], dim=-1)
+        expected = sum(logp[len(ids) - 1 - n + i, ids[len(ids) - n + i]].item() for i in range(n))
+        assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_an_untrained_model_scores_near_chance(demo_data):
+    import probes
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=demo_data[1]["vocab_size"]))
+    scores = probes.accuracy(probes.make_items("held-out"), probes.model_logprob(model, get_tokenizer(
+        demo_data[1]["vocab"]), torch.device("cpu")))
+    assert abs(scores["all"] - 0.5) < 0.05, scores  # 1,100 items: chance give or take a few points
 
 
 # =============================================================================
@@ -2094,12 +2279,14 @@ def test_bench_quality_trains_scores_and_keeps_each_row(tmp_path, capsys, monkey
     rows = {"tiny": ("a tiny model", 300, [*TINY_ARGS, "--max_iters=6", "--eval_interval=3"], None),
             "tiny-bigram": ("bigram counts", 300, "bigram", None)}
     monkeypatch.setattr(bench, "QUALITY_ROWS", rows)
-    bench.bench_quality(prepare.DEMO_CORPUS, list(rows), keep=str(tmp_path / "kept"))
+    bench.bench_quality(sources.DEMO_CORPUS, list(rows), keep=str(tmp_path / "kept"))
     table = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny")]
     assert [cells[0] for cells in table] == ["| tiny", "| tiny-bigram"]
     trained, counted = table
-    assert trained[4] == "6" and float(trained[8].rstrip(" |")) >= 0  # its steps, and the largest loss rise
+    assert trained[4] == "6" and float(trained[10].rstrip(" |")) >= 0  # its steps, and the largest loss rise
     assert 0 < float(trained[6]) < 8 and 0 < float(counted[6]) < 8  # bits/byte: better than knowing nothing
+    # the probes: a trained row is scored on both sets (the bigram counts cannot be: only the trigram's are)
+    assert all(0 <= float(cell.rstrip("%")) <= 100 for cell in trained[8:10]) and counted[8:10] == ["", ""]
     # the row's run is kept as train.py left it, and its score is the one --eval_only gives
     assert {"ckpt.pt", "log.jsonl", "loss.png"} <= set(os.listdir(tmp_path / "kept" / "tiny"))
     r = run("train.py", f"--out_dir={tmp_path / 'kept' / 'tiny'}", "--init_from=resume", "--eval_only=True")
@@ -2137,7 +2324,7 @@ def test_bench_gpu_runs_on_a_cpu_and_writes_its_table(tmp_path, capsys):
     assert [t["recipe"] for t in report["training"]] == ["the default recipe (Muon + AdamW)",
                                                          "nanoGPT's AdamW (6e-4, cosine to 6e-5)"]
     # trained on the demo corpus, each beats a model that knows nothing (every token equally likely)
-    prepared = prepare.prepare(prepare_cfg(prepare.DEMO_CORPUS, tmp_path / "data"))
+    prepared = prepare.prepare(prepare_cfg(sources.DEMO_CORPUS, tmp_path / "data"))
     v = prepared["splits"]["validation"]
     uniform = math.log2(prepared["vocab_size"]) * v["tokens"] / v["bytes"]
     assert all(0 < t["bits_per_byte"] < uniform and t["tokens"] == report["training"][0]["tokens"]
@@ -2168,6 +2355,17 @@ def test_bench_sample_times_sample_py_beside_the_bare_loop(capsys):
     for part in ("a window jump", "batch 8", "floor"):
         assert part in out
 
+
+def test_bench_llama_compares_llama_cpp_with_the_project(trained, llama_cpp, capsys):
+    import bench
+
+    results = bench.bench_llama(str(trained[0] / "ckpt.pt"), windows=2, repeats=1)
+    f32, f16 = results["llama.cpp float32"], results["llama.cpp float16"]
+    assert f32["worst"] < 1e-4 * max(1.0, f32["largest"]) and f32["same"]  # the tests' own tolerance
+    assert f32["worst"] <= f16["worst"] < 2e-2 * max(1.0, f16["largest"])  # half precision rounds more
+    assert all(r["tokens_per_s"] > 0 for r in results.values())
+    out = capsys.readouterr().out
+    assert "| llama.cpp, GGUF float32 |" in out and "| sample.py" in out
 
 # =============================================================================
 # README's table of mistakes: each row run as a user would
@@ -2224,7 +2422,7 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
             ("prepare.py", [f"--dataset={tmp_path / 'x.jsonl'}", f"--data_dir={tmp_path / 'd'}"],
              'record 1: expected an object with a "text" string field', 1)],
         "`python prepare.py --data_dir=~/photos` holding a foreign `train.bin`": [
-            ("prepare.py", [f"--dataset={prepare.DEMO_CORPUS}", f"--data_dir={tmp_path / 'photos'}"],
+            ("prepare.py", [f"--dataset={sources.DEMO_CORPUS}", f"--data_dir={tmp_path / 'photos'}"],
              "refusing to overwrite it", 1)],
         "`python train.py` before prepare.py": [
             ("train.py", tiny + [f"--data_dir={tmp_path / 'nowhere'}"], "run prepare.py first", 1)],
@@ -2268,14 +2466,19 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
             ("export.py", [f"--out_dir={tmp_path / d}"], message, 1) for d, message in
             (("none", "no checkpoint at"), ("corrupt", "is not a readable checkpoint"),
              ("truncated", "is not a readable checkpoint"))],
-        "`python export.py --export_dir=~/photos` holding files export.py did not write": [
-            ("export.py", [o, f"--export_dir={tmp_path / 'photos'}"],
-             "photos holds files export.py did not write (train.bin): refusing to replace it", 1)],
-        "`python export.py` on a model trained with value embeddings (as `--preset=cpu` trains)": [
-            ("export.py", [f"--out_dir={tmp_path / 've'}"], "has value embeddings (--value_embed=True, as the CPU "
-                                                             "presets train), which GPT-2's architecture lacks", 1)],
-        "`python export.py --export_dir=notes.txt`, a file": [
-            ("export.py", [o, f"--export_dir={tmp_path / 'notes.txt'}"], "notes.txt is not a folder", 1)],
+        "`python export.py --format=onnx`": [("export.py", [o, "--format=onnx"], "--format='onnx': must be transformers or gguf", 2)],
+        "`python export.py --dtype=bfloat16`": [
+            ("export.py", [o, "--dtype=bfloat16"], "--dtype='bfloat16': export.py writes float32 (auto) or float16", 2)],
+        "`python export.py --export_dir=~/photos` (or `--format=gguf`) holding files export.py did not write": [
+            ("export.py", [o, f"--export_dir={tmp_path / 'photos'}", *fmt],
+             "photos holds files export.py did not write (train.bin): refusing to replace it", 1)
+            for fmt in ([], ["--format=gguf"])],
+        "`python export.py` (or `--format=gguf`) on a model trained with `--value_embed=True`": [
+            ("export.py", [f"--out_dir={tmp_path / 've'}", *fmt], "has value embeddings (--value_embed=True), which "
+             "GPT-2's architecture lacks, in transformers and in llama.cpp", 1) for fmt in ([], ["--format=gguf"])],
+        "`python export.py --export_dir=notes.txt` (or `--format=gguf`), a file": [
+            ("export.py", [o, f"--export_dir={tmp_path / 'notes.txt'}", *fmt], "notes.txt is not a folder", 1)
+            for fmt in ([], ["--format=gguf"])],
     }
     # rows that need a signal, a full disk, other processes or the network, and notes, have tests of their own
     own_tests = {

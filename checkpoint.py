@@ -1,0 +1,123 @@
+"""
+Checkpoints: what train.py writes so that a run can go on exactly where it stopped, and the one loader that
+sample.py, export.py, bench.py and `--eval_only` share.
+
+A checkpoint is a dict, loadable with torch.load(weights_only=True): the model's weights (the uncompiled model's),
+its settings and vocabulary, and for ckpt.pt what the run needs to go on: the optimizers' state, the step, the best
+validation loss, and every process's RNG states. It is written whole or not at all (files.py).
+"""
+import os
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+
+from config import MODEL, UserError, check_config
+from files import write_atomically
+from model import GPT, GPTConfig
+
+VERSION = 2  # bump when what a checkpoint holds changes (2: the vocabulary travels with it)
+RUN_KEYS = ("init_from", "eval_only", "checkpoint", "out_dir")  # what a command does, not the run's settings
+
+
+def save(path, model, cfg, chosen, vocab, **extra):
+    """The weights, the settings they were trained with (and which of them the user chose), the vocabulary, and
+    whatever else the caller adds (step, optimizer, ...)."""
+    state = dict(version=VERSION, model=model.state_dict(), vocab=vocab,
+                 config={**cfg, "vocab_size": model.config.vocab_size}, chosen=sorted(chosen), **extra)
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def load(path):
+    """(the checkpoint dict, its model with its weights), or one line saying why not."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one first (python train.py)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, random bytes, or not a torch file at all
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated or corrupt?")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by train.py")
+    if ckpt.get("version") != VERSION:
+        raise UserError(f"{path} was written by another version of train.py (checkpoint version "
+                        f"{ckpt.get('version', 1)}, this one reads {VERSION}): train it again")
+    # the model's shape comes from the checkpoint, never from the flags
+    model = GPT(GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig)}))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit its own model config: {str(e).splitlines()[0]}")
+    return ckpt, model
+
+
+def run_settings(cfg, chosen, ckpt, path):
+    """
+    The settings of the run and the keys the user chose (by flag or preset). A new run has cfg: the defaults, then
+    the preset, then the flags. A resumed run goes on with the settings it was started with: the checkpoint's
+    replace the defaults, and only what is chosen now replaces those; the model's shape cannot change. What the
+    machine picks for one process (short evaluations on a CPU, compiling or not) is never a setting: runtime.py
+    reads `chosen` for those, so a run resumed elsewhere picks again.
+    """
+    if ckpt is None:
+        return cfg, set(chosen)
+    for k in MODEL:
+        if k in chosen and cfg[k] != ckpt["config"][k]:
+            raise UserError(f"{path} was trained with {k}={ckpt['config'][k]!r}, not --{k}={cfg[k]!r}: "
+                            f"the model shape cannot change on resume")
+    saved = {k: v for k, v in ckpt["config"].items() if k in cfg and k not in chosen and k not in RUN_KEYS}
+    cfg = {**cfg, **saved, **{k: ckpt["config"][k] for k in MODEL}}
+    check_config(cfg)  # what the checkpoint holds, with the flags given now
+    return cfg, set(ckpt["chosen"]) | set(chosen)
+
+
+def check_vocab(ckpt, path, meta, data_dir):
+    """A checkpoint trains on only the bins of its own vocabulary."""
+    if ckpt["vocab"] != meta["vocab"]:
+        raise UserError(f"{path} was trained on a {ckpt['config']['vocab_size']:,}-token vocabulary, but the bins in "
+                        f"{data_dir}/ use another ({meta['vocab_size']:,} tokens): prepare them with "
+                        f"--vocab_size={ckpt['config']['vocab_size']}, or point --data_dir at the bins it was trained on")
+
+
+def rng_states(generator, device, world):
+    """Every process's RNG states (its batch generator, and torch's, which dropout draws from): all processes call
+    this together."""
+    mine = dict(batch=generator.get_state(), torch=dict(
+        cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+    if world == 1:
+        return [mine]
+    ranks = [None] * world
+    dist.all_gather_object(ranks, mine)
+    return ranks
+
+
+def resume(ckpt, path, optimizers, generator, cfg, rank, world, device):
+    """Go on from the checkpoint: its optimizer state and this process's RNG states. Returns (step, best val loss)."""
+    try:
+        load_optimizer_state(optimizers, ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: its optimizer state does not fit --optimizer={cfg['optimizer']}: resume with the "
+                        f"optimizer it was trained with, or start from scratch")
+    step = ckpt["step"]
+    if len(ckpt["ranks"]) == world:
+        mine = ckpt["ranks"][rank]
+        generator.set_state(mine["batch"])
+        torch.set_rng_state(mine["torch"]["cpu"])
+        if mine["torch"]["cuda"] is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(mine["torch"]["cuda"], device)
+    else:  # each process draws anew, from a seed of its own for this step: the run goes on, not bit for bit
+        generator.manual_seed(cfg["seed"] + rank + 1_000_003 * step)
+        torch.manual_seed(cfg["seed"] + rank + 1_000_003 * step)
+        if rank == 0:
+            print(f"note: {path} was saved by {len(ckpt['ranks'])} processes, this run has {world}: every process "
+                  f"draws its batches anew from here, so the run goes on but not exactly as it would have")
+    return step, ckpt["best_val_loss"]
+
+
+def load_optimizer_state(optimizers, states):
+    """The checkpoint's moments and step counts, with this run's settings (weight decay, betas): load_state_dict
+    would bring back the saved ones too, and a flag given on resume would silently do nothing."""
+    for optimizer, state in zip(optimizers, states, strict=True):
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, ours in zip(optimizer.param_groups, settings, strict=True):
+            group.update(ours)

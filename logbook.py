@@ -1,0 +1,76 @@
+"""
+log.jsonl and loss.png: one row for each step that evaluates or logs a loss, written as the step ends, and the loss
+curve drawn from them when the run ends. Only rank 0 writes them.
+"""
+import json
+import os
+import time
+
+from files import write_atomically
+
+
+class Log:
+    """log.jsonl of out_dir, continued from start_step. A resumed run first drops the rows from its own step on (a
+    crash may leave some, and those steps are about to run again); the row of its own step is given back as
+    `resumed` (with the evaluation of a run that stopped there, say), to be completed and written anew."""
+
+    def __init__(self, out_dir, start_step, tokens_per_step, enabled=True):
+        self.path, self.tokens_per_step, self.enabled = os.path.join(out_dir, "log.jsonl"), tokens_per_step, enabled
+        self.resumed, self.file, self.start = {}, None, time.time()
+        if not enabled:
+            return
+        lines = []
+        if start_step > 0 and os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                logged = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if logged["step"] < start_step:
+                kept.append(line)
+            elif logged["step"] == start_step:
+                self.resumed = {k: v for k, v in logged.items() if k not in ("step", "tokens", "elapsed")}
+        if kept != lines or start_step == 0:
+            write_atomically(self.path, lambda f: f.writelines(kept), mode="w")
+        self.file = open(self.path, "a")
+
+    def row(self, step, values):
+        """Append the row of `step`, if it has anything to say."""
+        if values and self.enabled:
+            row = dict(step=step, tokens=step * self.tokens_per_step, **values, elapsed=time.time() - self.start)
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+def plot_losses(out_dir):
+    """log.jsonl -> loss.png (written whole, like every file here); matplotlib is optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the loss curve (pip install matplotlib)")
+        return
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train (batch)"), ("train_loss", "train (eval)"), ("val_loss", "validation")):
+        points = [(r["tokens"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if key != "loss" else None, linewidth=1)
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss (nats/token)", title="training and validation loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_atomically(os.path.join(out_dir, "loss.png"), lambda f: fig.savefig(f, dpi=120, format="png"))
+    plt.close(fig)

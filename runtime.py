@@ -1,0 +1,211 @@
+"""
+Where a run happens and how it ends: the device and its precision, the processes of a DDP run, Ctrl-C and SIGTERM,
+whether to compile, what a CPU run will cost, MFU, and errors as one line. train.py calls these by name.
+"""
+import datetime
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+
+from config import UserError
+
+
+def pick_device(name):
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device={name} but no CUDA GPU is available: use --device=cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_context(device, dtype):
+    """(context for forward passes, the dtype in effect): bf16 autocast on CUDA, fp16 on GPUs without bf16."""
+    if dtype == "auto":
+        dtype = "float32"
+        if device.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype == "float32":
+        return nullcontext(), dtype
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)), dtype
+
+
+def setup(cfg):
+    """(rank, world size, local rank, device). DDP when torchrun started us (it sets RANK): gloo on CPUs, NCCL on
+    GPUs, one GPU a process."""
+    device = pick_device(cfg["device"])
+    if "RANK" not in os.environ:
+        return 0, 1, 0, device
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    # a process that dies must not leave the others waiting forever
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=120))
+    return rank, world, local, device
+
+
+class StopRequest:
+    """
+    Within `with StopRequest(world, device, every) as stop:`, Ctrl-C or SIGTERM only sets a flag, and
+    stop.requested(step) says, at the start of a step, which signal came. Every process must stop at the same step:
+    one that went on to the next gradient all-reduce while another saves would wait for it until the timeout. So
+    under DDP the processes agree, by an all-reduce that waits for the device: at every `every`-th step only. A
+    second signal aborts at once.
+    """
+
+    def __init__(self, world, device, every):
+        self.world, self.device, self.every, self.signal = world, device, every, None
+
+    def __enter__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop right now, without saving
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def requested(self, step):
+        """The signal any process has received, or 0."""
+        if self.world == 1:
+            return self.signal or 0
+        if step % self.every:
+            return 0
+        flag = torch.tensor([self.signal or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def exit(self, signum, step, path):
+        """Say what was saved, as the last line, and end as the signal would have."""
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped by {signal.Signals(signum).name} at step {step}: saved {path}; "
+                  f"continue with --init_from=resume", file=sys.stderr)
+        sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
+
+
+def wants_compile(cfg, device, chosen):
+    """torch.compile by default on CUDA only. On a CPU the eager step with the fused loss is faster (bench.py train)
+    and starts at once, where compiling takes a minute, so there it compiles only when asked: --compile=True."""
+    return cfg["compile"] and (device.type == "cuda" or "compile" in chosen)
+
+
+def use_compiler(cfg, device, chosen, master):
+    """Whether to compile: as wants_compile says, unless the compiler cannot work here (a note then says why)."""
+    if not wants_compile(cfg, device, chosen):
+        return False
+    missing = compiler_missing(device)
+    if missing and master:
+        print(f"note: training without torch.compile: {missing} (--compile=False says so quietly)")
+    if not missing and master and device.type != "cuda":
+        print(f"compiling the model for {device.type}, as asked (--compile=True): the first step waits a minute "
+              f"or so for the compiler, and the steps use the plain loss (bench.py train compares)")
+    return not missing
+
+
+def compiler_missing(device):
+    """Why torch.compile cannot work on this device, or None: inductor builds GPU kernels with Triton and CPU
+    kernels with the machine's C++ compiler (CXX, else g++; cl on Windows)."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "Triton is not installed (it is not available on every platform)"
+    compiler = os.environ.get("CXX") or ("cl" if sys.platform == "win32" else "g++")
+    return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) was found"
+
+
+CPU_EVAL_ITERS = 5  # on a CPU, batches per split for each evaluation unless eval_iters was chosen
+
+
+def cpu_eval_iters(cfg, chosen, device):
+    """A CPU may need hours where a GPU needs minutes: there, evaluations stay short unless the user chose a length."""
+    if device.type == "cpu" and "eval_iters" not in chosen:
+        return min(cfg["eval_iters"], CPU_EVAL_ITERS)
+    return cfg["eval_iters"]
+
+
+def flops_per_token(model):
+    """Training FLOPs per token: 6 per weight it meets (forward 2, backward 4), the head included and the position
+    and value embeddings (lookups) not, plus attention's scores and mix over block_size keys in every layer."""
+    c = model.config
+    looked_up = sum(m.weight.numel() for m in (model.wpe, getattr(model, "vte", None)) if m is not None)
+    return 6 * (sum(p.numel() for p in model.parameters()) - looked_up) + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def cpu_note(model, cfg, eval_iters, chosen, tokens_per_step):
+    """What the run will cost on this CPU: the model's FLOPs at the rate of a head-shaped matmul, timed now."""
+    g = torch.Generator().manual_seed(0)  # not torch's own RNG: that one is the run's (dropout)
+    a = torch.randn(256, model.config.n_embd, generator=g)
+    b = torch.randn(model.config.n_embd, model.config.padded_vocab_size, generator=g)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(2):
+        a @ b
+    flops_per_second = 2 * 2 * a.size(0) * a.size(1) * b.size(1) / (time.perf_counter() - start)
+    step = flops_per_token(model) * tokens_per_step / flops_per_second
+    evaluation = step / 3 * 2 * eval_iters * cfg["batch_size"] * cfg["block_size"] / tokens_per_step
+    note = (f"note: this CPU does about {flops_per_second / 1e9:.0f} GFLOP/s, so a step takes about {duration(step)}, "
+            f"max_iters={cfg['max_iters']} about {duration(step * cfg['max_iters'])}, and each evaluation "
+            f"(eval_iters={eval_iters}{'' if 'eval_iters' in chosen else ', the CPU default'}) about "
+            f"{duration(evaluation)}")
+    if step * cfg["max_iters"] > 3600 and not cfg["preset"]:
+        note += "; --preset=cpu trains a smaller model in about 10 minutes"
+    return note
+
+
+def duration(seconds):
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} hours"
+
+
+# Dense bf16 peak FLOP/s by GPU name (the first that the device's name contains), for the MFU in the progress bar;
+# add yours. The tests add a "cpu" entry, so that the figure is computed in CI too.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+              "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def peak_flops(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def mfu(model, tokens_per_second, device):
+    """Model FLOPs utilisation of one device training on tokens_per_second, or None where its peak is unknown."""
+    peak = peak_flops(device)
+    return None if peak is None else flops_per_token(model) * tokens_per_second / peak
+
+
+@contextmanager
+def errors_as_one_line(cfg):
+    """What a user can cause, or a machine, ends in one line and a non-zero exit status, never a traceback."""
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. a full disk while saving: the previous checkpoint is still in place
+        sys.exit(f"error: {e.strerror or e} ({e.filename}); files already in {cfg['out_dir']} are untouched")
+    except (torch.OutOfMemoryError, MemoryError):
+        sys.exit(f"error: batch_size={cfg['batch_size']} does not fit in memory: lower --batch_size and raise "
+                 f"--gradient_accumulation_steps to keep the tokens per step")
+    except RuntimeError as e:  # after OutOfMemoryError, which is one
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            raise
+        # a peer that died (kill, OOM, lost node) surfaces here as a failed collective: stop, do not hang
+        reason = str(e).strip().splitlines()[0][:300]
+        sys.exit(f"error: DDP rank {dist.get_rank()} stopped, most likely because another process died (its log "
+                 f"says why): {reason}; continue with --init_from=resume")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
