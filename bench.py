@@ -423,8 +423,10 @@ def nanogpt_sample(out_dir, start, max_new_tokens, device):
     import checkpoint
     from tokenizer import get_tokenizer
 
-    ckpt, model = checkpoint.load(os.path.join(out_dir, "ckpt.pt"))
-    model = model.to(device).eval()
+    from model import GPT
+
+    ckpt = checkpoint.load(os.path.join(out_dir, "ckpt.pt"))
+    model = GPT.from_checkpoint(ckpt).to(device).eval()
     enc = get_tokenizer(ckpt["vocab"])
     x = torch.tensor([[enc.eot_token] + enc.encode_ordinary(start)], device=device)
     torch.manual_seed(1337)
@@ -935,8 +937,10 @@ def probe_scores(checkpoint, split="held-out", device=None):
     from tokenizer import get_tokenizer
 
     device = device or default_device()
-    ckpt, model = checkpoints.load(checkpoint)
-    model = model.to(device)
+    from model import GPT
+
+    ckpt = checkpoints.load(checkpoint)
+    model = GPT.from_checkpoint(ckpt).to(device)
     return probes.accuracy(probes.make_items(split), probes.model_logprob(model, get_tokenizer(ckpt["vocab"]), device))
 
 
@@ -952,9 +956,11 @@ def bench_probes(checkpoints, data=None):
 
     device = default_device()
     columns = {}
-    first, untrained = checkpoint.load(checkpoints[0])
+    from model import GPT
+
+    first = checkpoint.load(checkpoints[0])
     enc = get_tokenizer(first["vocab"])
-    untrained = untrained.to(device)
+    untrained = GPT.from_checkpoint(first).to(device)
     torch.manual_seed(0)
     untrained.init_weights()  # the same shape, as train.py starts it
     for split in ("dev", "held-out"):
@@ -1001,8 +1007,10 @@ def bench_llama(checkpoint_path, data=None, windows=16, repeats=3):
     import sources
     from tokenizer import get_tokenizer
 
-    ckpt, model = checkpoint.load(checkpoint_path)
-    model.eval()
+    from model import GPT
+
+    ckpt = checkpoint.load(checkpoint_path)
+    model = GPT.from_checkpoint(ckpt).eval()
     enc = get_tokenizer(ckpt["vocab"])
     T = model.config.block_size
     text_source = data if data is not None else sources.DEMO_CORPUS

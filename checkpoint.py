@@ -1,20 +1,18 @@
 """
 Checkpoints: what train.py writes so that a run can go on exactly where it stopped, and the one loader that
-sample.py, export.py, bench.py and `--eval_only` share.
+train.py, sample.py, export.py, bench.py and `--eval_only` share (model.py's GPT.from_checkpoint makes the model).
 
 A checkpoint is a dict, loadable with torch.load(weights_only=True): the model's weights (the uncompiled model's),
 its settings and vocabulary, and for ckpt.pt what the run needs to go on: the optimizers' state, the step, the best
 validation loss, and every process's RNG states. It is written whole or not at all (files.py).
 """
 import os
-from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
 from config import MODEL, UserError, check_config
 from files import write_atomically
-from model import GPT, GPTConfig
 
 VERSION = 2  # bump when what a checkpoint holds changes (2: the vocabulary travels with it)
 RUN_KEYS = ("init_from", "eval_only", "checkpoint", "out_dir")  # what a command does, not the run's settings
@@ -29,7 +27,7 @@ def save(path, model, cfg, chosen, vocab, **extra):
 
 
 def load(path):
-    """(the checkpoint dict, its model with its weights), or one line saying why not."""
+    """The checkpoint dict at path (GPT.from_checkpoint makes its model), or one line saying why not."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: train one first (python train.py)")
     try:
@@ -41,13 +39,7 @@ def load(path):
     if ckpt.get("version") != VERSION:
         raise UserError(f"{path} was written by another version of train.py (checkpoint version "
                         f"{ckpt.get('version', 1)}, this one reads {VERSION}): train it again")
-    # the model's shape comes from the checkpoint, never from the flags
-    model = GPT(GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig)}))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit its own model config: {str(e).splitlines()[0]}")
-    return ckpt, model
+    return ckpt
 
 
 def run_settings(cfg, chosen, ckpt, path):

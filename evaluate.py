@@ -12,16 +12,18 @@ from tqdm import tqdm
 
 import checkpoint
 from bins import load_bins
+from model import GPT
 from runtime import autocast_context, pick_device
 
 
 def evaluate(cfg, chosen=()):
     """Score the checkpoint cfg names; prints one line, returns its figures."""
     path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
-    ckpt, model = checkpoint.load(path)
+    ckpt = checkpoint.load(path)
     cfg, _ = checkpoint.run_settings(cfg, chosen, ckpt, path)
     bins, meta = load_bins(cfg["data_dir"], cfg["block_size"])
     checkpoint.check_vocab(ckpt, path, meta, cfg["data_dir"])
+    model = GPT.from_checkpoint(ckpt)
     device = pick_device(cfg["device"])
     ctx, _ = autocast_context(device, cfg["dtype"])
     v = meta["splits"]["validation"]

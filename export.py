@@ -25,12 +25,14 @@ from safetensors.torch import save as safetensors_bytes
 
 import checkpoint
 from config import SAMPLING, SCRIPTS, UserError, get_config
+from model import GPT
 from tokenizer import gpt2_merges, read_packaged
 
 # Every file export() writes. A folder holding only these, with MARKER in its config.json or in the GGUF file's
 # metadata, is an earlier export that may be replaced; export.py never replaces anything else.
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json", "vocab.json",
-         "merges.txt")
+         "merges.txt", "modeling_tinystories_gpt.py")
+REMOTE_CODE = FILES[-1]  # hf_value_embed.py, in a folder of a model with value embeddings
 GGUF_FILE = "model.gguf"
 MARKER = "tinystories_gpt"
 
@@ -39,10 +41,11 @@ def export(cfg):
     """Write the checkpoint cfg names in cfg["format"]; returns the folder's path."""
     path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
     export_dir = export_path(cfg)
-    ckpt, model = checkpoint.load(path)
-    if model.config.value_embed:
-        raise UserError(f"{path} has value embeddings (--value_embed=True), which GPT-2's architecture lacks, in "
-                        f"transformers and in llama.cpp: to export, train with --value_embed=False")
+    ckpt = checkpoint.load(path)
+    model = GPT.from_checkpoint(ckpt)
+    if model.config.value_embed and cfg["format"] == "gguf":
+        raise UserError(f"{path} has value embeddings (--value_embed=True, as the CPU presets train), which llama.cpp's "
+                        f"GPT-2 lacks: export it for transformers (python export.py), or train with --value_embed=False")
     check_export_dir(export_dir)
     provenance = {"checkpoint": cfg["checkpoint"], "step": ckpt.get("step")}
     dtype = torch.float16 if cfg["dtype"] == "float16" else torch.float32
@@ -51,7 +54,8 @@ def export(cfg):
         what = f"{os.path.join(export_dir, GGUF_FILE)}: GPT-2 for llama.cpp"
     else:
         n = write_transformers(model, ckpt["vocab"], export_dir, dtype, provenance)
-        what = f"{export_dir}: GPT-2 for transformers"
+        what = f"{export_dir}: GPT-2 for transformers" + (" (trust_remote_code=True: value embeddings)"
+                                                          if model.config.value_embed else "")
     print(f"wrote {what}, {n:,} weights in {str(dtype).removeprefix('torch.')} and a {model.config.vocab_size:,}-token "
           f"vocabulary from {path}")
     return export_dir
@@ -73,8 +77,12 @@ def gpt2_weights(model, dtype):
            "transformer.wpe.weight": sd["wpe.weight"]}
     for name, w in sd.items():
         if name.startswith(("h.", "ln_f.")):
-            # GPT-2 uses a Conv1D that stores a Linear's (out, in) weight transposed, as (in, out)
-            out["transformer." + name] = w.t() if w.dim() == 2 else w
+            # GPT-2 uses a Conv1D that stores a Linear's (out, in) weight transposed, as (in, out); with value
+            # embeddings, hf_value_embed.py wraps c_attn, and holds each layer's gate beside it
+            name = name.replace("attn.c_attn.", "attn.c_attn.c_attn.") if c.value_embed else name
+            out["transformer." + name.replace("attn.ve_gate", "attn.c_attn.ve_gate")] = w.t() if w.dim() == 2 else w
+    if c.value_embed:
+        out["vte.weight"] = sd["vte.weight"][:c.vocab_size]
     for name, w in list(out.items()):
         if name.startswith(("transformer.h.", "transformer.ln_f.")) and name.endswith(".weight"):
             # GPT-2 has a bias in every Linear and LayerNorm: zeros compute what a model without them does
@@ -87,8 +95,12 @@ def gpt2_config(model, dtype, provenance):
     """config.json: transformers' GPT2Config fields for this model."""
     c = model.config
     eot = c.vocab_size - 1  # <|endoftext|> is the last id of every vocabulary
+    architecture = {"architectures": ["GPT2LMHeadModel"]}
+    if c.value_embed:  # transformers' GPT-2 and the code in hf_value_embed.py, which the folder carries
+        architecture = {"architectures": ["GPT2WithValueEmbeddings"],
+                        "auto_map": {"AutoModelForCausalLM": f"{REMOTE_CODE[:-3]}.GPT2WithValueEmbeddings"}}
     return {
-        "architectures": ["GPT2LMHeadModel"],
+        **architecture,
         "model_type": "gpt2",
         "vocab_size": c.vocab_size,
         "n_positions": c.block_size,  # learned positions: the model cannot see further than block_size tokens
@@ -167,14 +179,18 @@ def write_transformers(model, vocab, export_dir, dtype, provenance):
         raise UserError(f"cannot read GPT-2's tokenizer files: {e}")
     weights = gpt2_weights(model, dtype)
     as_json = lambda d: (json.dumps(d, indent=2) + "\n").encode()
-    write_folder(export_dir, {
+    files = {
         "config.json": as_json(gpt2_config(model, dtype, provenance)),
         "generation_config.json": as_json(generation_config(model.config.vocab_size - 1)),
         "model.safetensors": safetensors_bytes(weights, metadata={"format": "pt"}),
         "tokenizer_config.json": as_json(tokenizer_config(model)),
         "vocab.json": encoder.encode(),
         "merges.txt": merges.encode(),
-    })
+    }
+    if model.config.value_embed:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_value_embed.py"), "rb") as f:
+            files[REMOTE_CODE] = f.read()
+    write_folder(export_dir, files)
     return sum(w.numel() for w in weights.values())
 
 

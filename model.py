@@ -10,12 +10,13 @@ values in every layer.
 After the model: generation, with a KV cache so that each new token costs one position's work.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import UserError
 from fused_loss import fused_cross_entropy
 
 
@@ -153,6 +154,16 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits if return_logits else None, loss
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        """The model a checkpoint (checkpoint.load) holds: its shape from the checkpoint, never from the flags."""
+        model = cls(GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig)}))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UserError(f"the checkpoint does not fit its own model config: {str(e).splitlines()[0]}")
+        return model
 
     def num_params(self):
         """(parameters besides the embeddings, all parameters); the head is tied to wte, so counted once."""

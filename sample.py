@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 from config import SAMPLING, SCRIPTS, UserError, get_config
-from model import generate
+from model import GPT, generate
 from runtime import autocast_context, pick_device
 from tokenizer import get_tokenizer
 
@@ -39,8 +39,8 @@ def read_prompt(start):
 
 def load_model(cfg, device):
     """The checkpoint's model, on device, and its tokenizer: the checkpoint's vocabulary."""
-    ckpt, model = checkpoint.load(os.path.join(cfg["out_dir"], cfg["checkpoint"]))
-    return model.to(device).eval(), get_tokenizer(ckpt["vocab"])
+    ckpt = checkpoint.load(os.path.join(cfg["out_dir"], cfg["checkpoint"]))
+    return GPT.from_checkpoint(ckpt).to(device).eval(), get_tokenizer(ckpt["vocab"])
 
 
 def generate_text(model, enc, prompt_ids, cfg, generator, out=None):

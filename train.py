@@ -42,13 +42,13 @@ def train(cfg, chosen=()):
     rank, world, local, device = runtime.setup(cfg)
     master = rank == 0  # the process that writes files and prints
     ckpt_path, best_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "best.pt")
-    ckpt, model = checkpoint.load(ckpt_path) if cfg["init_from"] == "resume" else (None, None)
+    ckpt = checkpoint.load(ckpt_path) if cfg["init_from"] == "resume" else None
     cfg, chosen = checkpoint.run_settings(cfg, chosen, ckpt, ckpt_path)  # a resumed run keeps its own settings
     if ckpt is not None and ckpt["step"] >= cfg["max_iters"]:
         if master:
             print(f"{ckpt_path} is already complete at step {ckpt['step']} (max_iters={cfg['max_iters']}): "
                   f"nothing to do. To train longer: python train.py --init_from=resume --max_iters=M")
-        return dict(best_val_loss=ckpt["best_val_loss"], model=model)
+        return dict(best_val_loss=ckpt["best_val_loss"], model=GPT.from_checkpoint(ckpt))
     bins, meta = load_bins(cfg["data_dir"], cfg["block_size"])
     enc = get_tokenizer(meta["vocab"])
     if ckpt is None:
@@ -57,6 +57,7 @@ def train(cfg, chosen=()):
         model = GPT(GPTConfig(**{k: cfg[k] for k in MODEL}, vocab_size=meta["vocab_size"]))
     else:
         checkpoint.check_vocab(ckpt, ckpt_path, meta, cfg["data_dir"])
+        model = GPT.from_checkpoint(ckpt)
     model.to(device)
     ctx, dtype = runtime.autocast_context(device, cfg["dtype"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
