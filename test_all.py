@@ -229,7 +229,7 @@ NONSENSE = dict(
     temperature=-0.5,
     top_k=0, top_p=0.0, preset="gpu", format="onnx", export_dir=" ",
 )
-ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed"}
+ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed", "tie_head"}
 BAD_COMBINATIONS = {  # the keys of each rule in config.combinations -> flags that break it
     ("n_embd", "n_head"): ["--n_head=5"],
     ("warmup_iters", "lr_decay_iters"): ["--warmup_iters=100", "--lr_decay_iters=50"],
@@ -562,6 +562,18 @@ def test_parameter_counts_of_the_default_model():
     assert c.padded_vocab_size % 64 == 0 and c.padded_vocab_size >= c.vocab_size
 
 
+def test_a_head_of_its_own_starts_at_zero_and_is_counted_once():
+    torch.manual_seed(0)
+    tied, untied = (GPT(GPTConfig(**TINY_MODEL, vocab_size=300, tie_head=t)) for t in (True, False))
+    assert untied.lm_head.weight is not untied.wte.weight and not untied.lm_head.weight.any()
+    extra = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters())
+    assert extra == untied.config.padded_vocab_size * 32  # one more vocabulary-sized matrix, nothing else
+    # the token embedding is then only looked up: the FLOPs a token costs do not change
+    assert runtime.flops_per_token(untied) == runtime.flops_per_token(tied)
+    x = torch.randint(0, 300, (2, 16))
+    assert torch.allclose(untied(x)[0], torch.zeros(2, 16, untied.config.padded_vocab_size))  # all equally likely
+
+
 def test_initial_loss_and_causality():
     torch.manual_seed(0)
     V = 8192
@@ -778,7 +790,7 @@ def same_weights(a, b):
 
 def test_resume_equals_an_uninterrupted_run(demo_data, tmp_path):
     data_dir, _ = demo_data
-    common = dict(warmup_iters=2, lr_decay_iters=10, dropout=0.1, eval_interval=5, value_embed=True)
+    common = dict(warmup_iters=2, lr_decay_iters=10, dropout=0.1, eval_interval=5, value_embed=True, tie_head=False)
     straight = train_tiny(data_dir, tmp_path / "a", max_iters=10, **common)
     train_tiny(data_dir, tmp_path / "b", max_iters=4, **common)
     resumed = train_tiny(data_dir, tmp_path / "b", chosen={"max_iters", "init_from"}, max_iters=10, init_from="resume",
@@ -1893,11 +1905,12 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def exported(demo_data, gpt2_data, trained, tmp_path_factory):
     """{name: (out_dir, the project's model from its checkpoint, its tokenizer, export folder)}: the tiny trained
-    model (compact vocabulary, no biases), one with --bias=True, one on GPT-2's whole vocabulary, and one with value
-    embeddings (as the CPU presets train)."""
+    model (compact vocabulary, no biases), one with --bias=True and a head of its own (--tie_head=False), one on
+    GPT-2's whole vocabulary, and one with value embeddings and a head of its own (as the CPU presets train)."""
     runs = {}
-    for name, data_dir, overrides in (("bias", demo_data[0], dict(bias=True)), ("gpt2", gpt2_data[0], {}),
-                                      ("ve", demo_data[0], dict(value_embed=True, max_iters=30, eval_interval=30))):
+    for name, data_dir, overrides in (("bias", demo_data[0], dict(bias=True, tie_head=False)), ("gpt2", gpt2_data[0], {}),
+                                      ("ve", demo_data[0], dict(value_embed=True, tie_head=False, max_iters=30,
+                                                                eval_interval=30))):
         out_dir = tmp_path_factory.mktemp(f"trained_{name}")
         train_tiny(data_dir, out_dir, **{**dict(max_iters=2, eval_interval=2, eval_iters=1), **overrides})
         runs[name] = out_dir
@@ -1931,7 +1944,8 @@ def story_windows(enc, n, length):
 def test_transformers_computes_the_same_logits(exported, hf, no_network, name):
     _, model, enc, folder = exported[name]
     gpt2 = load_exported(hf, folder)
-    assert gpt2.config.tie_word_embeddings and gpt2.lm_head.weight.data_ptr() == gpt2.transformer.wte.weight.data_ptr()
+    tied = gpt2.lm_head.weight.data_ptr() == gpt2.transformer.wte.weight.data_ptr()
+    assert gpt2.config.tie_word_embeddings == tied == model.config.tie_head == (name in ("compact", "gpt2"))
     assert gpt2.config.n_positions == model.config.block_size and gpt2.dtype == torch.float32
     if name == "bias":  # trained biases, not the zeros a model without them exports
         assert all(b.abs().max() > 0 for k, b in model.state_dict().items() if k.endswith(".bias"))
@@ -2106,6 +2120,7 @@ def llama(llama_cpp, path, n_ctx):
         llm.close()
 
 
+@slow
 def test_llama_cpp_tokenizes_as_the_project_does(gguf_exported, llama_cpp):
     texts = [s for s in demo_stories()]
     if os.path.exists(os.path.join(STORIES, "tinystories-valid.txt.gz")):  # real TinyStories, where there are some
@@ -2121,6 +2136,7 @@ def test_llama_cpp_tokenizes_as_the_project_does(gguf_exported, llama_cpp):
             assert llm.detokenize(enc.encode_ordinary(texts[0])).decode() == texts[0]
 
 
+@slow
 @pytest.mark.parametrize("name,tolerance", [("compact", 1e-4), ("bias", 1e-4), ("gpt2", 1e-4), ("compact-f16", 2e-2)])
 def test_llama_cpp_computes_the_same_logits(gguf_exported, llama_cpp, name, tolerance):
     _, model, enc, path = gguf_exported[name]
@@ -2137,6 +2153,7 @@ def test_llama_cpp_computes_the_same_logits(gguf_exported, llama_cpp, name, tole
             assert (theirs - ours).abs().max().item() < tolerance * max(1.0, ours.abs().max().item()), name
 
 
+@slow
 def test_llama_cpp_greedy_story_equals_sample_py(gguf_exported, llama_cpp):
     for name in ("compact", "gpt2"):
         out_dir, model, enc, path = gguf_exported[name]
@@ -2370,6 +2387,7 @@ def test_bench_sample_times_sample_py_beside_the_bare_loop(capsys):
         assert part in out
 
 
+@slow
 def test_bench_llama_compares_llama_cpp_with_the_project(trained, llama_cpp, capsys):
     import bench
 
