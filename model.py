@@ -163,7 +163,8 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt):
         """The model a checkpoint (checkpoint.load) holds: its shape from the checkpoint, never from the flags."""
-        model = cls(GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig)}))
+        # (a setting newer than the checkpoint keeps its default: what the model was before the setting existed)
+        model = cls(GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig) if f.name in ckpt["config"]}))
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -1867,6 +1867,21 @@ def test_eval_only_prints_one_line_bits_per_byte_first(demo_data, trained):
     assert ppl == pytest.approx(math.exp(nats / (len(ids) - 1)), abs=2e-3 * ppl)
 
 
+def test_a_checkpoint_from_before_a_model_setting_samples_and_resumes(trained, demo_data, tmp_path):
+    out_dir, model = trained
+    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    del ckpt["config"]["tie_head"]  # as checkpoints were written before --tie_head existed
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    old = GPT.from_checkpoint(checkpoint.load(str(tmp_path / "ckpt.pt")))
+    assert old.config.tie_head and same_weights(weights(old), weights(model))
+    assert sample_script.sample(sample_cfg(tmp_path, num_samples=1, max_new_tokens=8), out=None)
+    r = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume", f"--data_dir={demo_data[0]}",
+            f"--max_iters={ckpt['step'] + 2}")
+    assert r.returncode == 0 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["tie_head"], r.stderr
+    fails_with(train_script.main, [f"--out_dir={tmp_path}", "--init_from=resume", f"--data_dir={demo_data[0]}",
+                                   "--tie_head=False", "--max_iters=100"], "was trained with tie_head=True")
+
+
 def test_a_checkpoint_from_another_version_or_shape_is_refused(trained, tmp_path):
     out_dir, _ = trained
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
