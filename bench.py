@@ -9,6 +9,7 @@ same run, because a shared machine's speed drifts.
     python bench.py quality --data=PATH [--rows=a,b|all] [--out=DIR]   # recipes trained at equal budget, scored
                                               # on the whole validation split, beside count baselines (each row:
                                               # minutes); --out keeps each row's run (log.jsonl, loss.png)
+    python bench.py sizes --data=PATH [--out=DIR]   # model sizes at one compute: probes and bits/byte, model_sizes.png
     python bench.py probes --checkpoint=PATH[,PATH] [--data=PATH]   # coherence probes per kind (probes.py), beside
                                               # chance, the model untrained and (with --data) trigram counts
     python bench.py llama --checkpoint=PATH [--data=PATH]   # the GGUF export in llama.cpp: logits, greedy, tokens/s
@@ -818,6 +819,14 @@ QUALITY_ROWS.update({
     "default-muon-0.04": ("default, Muon's LR 0.04", 4096, [*DEFAULT_SHAPE, "--muon_lr=0.04"], None),
     "default-seed": ("the tutorial's recipe at the default shape", 4096, [*DEFAULT_SHAPE, *SEED], None),
 })
+# How the probes and bits/byte grow with the model's size at one compute, --preset=cpu_long's (3.0 budgets), each at
+# that preset's recipe: the rows size-<layers>x<width>, one head per 32 dimensions
+LONG_BUDGET = 3.0
+SIZES = [(4, 64), (4, 128), (6, 192), (8, 256), (6, 384)]
+for n_layer, n_embd in SIZES:
+    QUALITY_ROWS[f"size-{n_layer}x{n_embd}"] = (
+        f"--preset=cpu_long's recipe and compute, {n_layer} layers, {n_embd} wide", 4096,
+        ["--preset=cpu_long", f"--n_layer={n_layer}", f"--n_embd={n_embd}", f"--n_head={n_embd // 32}"], LONG_BUDGET)
 DEFAULT_ROWS = ["bigram-4096", "trigram-4096", "seed-4096", "cpu-before", "preset", "preset-long"]
 
 
@@ -885,6 +894,7 @@ def bench_quality(data, rows, keep=None):
     print("| row | what | vocabulary | tokens | steps | wall time | bits/byte | nats/token | probes held-out | "
           "probes dev | largest loss rise |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in rows:
             what, vocab_size, flags, _ = QUALITY_ROWS[name]
@@ -910,6 +920,44 @@ def bench_quality(data, rows, keep=None):
             shown = [f"{100 * scores[s]:.1f}%" if s in scores else "" for s in ("held-out", "dev")]
             print(f"| {name} | {what} | {vocab_size:,} | {tokens / 1e6:.2f}M | {steps} | {wall} | {bpb:.3f} | "
                   f"{nats:.3f} | {shown[0]} | {shown[1]} | {rise} |", flush=True)
+            results[name] = dict(tokens=tokens, seconds=seconds, bits_per_byte=bpb, probes=scores)
+    return results
+
+
+def bench_sizes(data, keep=None, plot="model_sizes.png"):
+    """The SIZES rows (bench_quality), then a plot of their probes and bits/byte against the parameters."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from model import GPT, GPTConfig
+
+    import config
+
+    names = [f"size-{n_layer}x{n_embd}" for n_layer, n_embd in SIZES]
+    results = bench_quality(data, names, keep)
+    params = {}
+    for name in names:
+        cfg, _ = config.get_config(QUALITY_ROWS[name][2], config.SCRIPTS["train.py"])
+        with torch.device("meta"):
+            params[name] = GPT(GPTConfig(**{k: cfg[k] for k in config.MODEL}, vocab_size=4096)).num_params()[1] / 1e6
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [params[n] for n in names]
+    for split, marker in (("held-out", "o"), ("dev", "s")):
+        left.plot(x, [100 * results[n]["probes"][split] for n in names], marker=marker, label=f"probes, {split}")
+    left.axhline(50, color="gray", linestyle=":", label="chance")
+    left.set(xscale="log", xlabel="parameters in all (millions)", ylabel="probes right (%)")
+    right.plot(x, [results[n]["bits_per_byte"] for n in names], marker="o")
+    right.set(xscale="log", xlabel="parameters in all (millions)", ylabel="bits/byte, validation")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend()
+    fig.suptitle("one compute (--preset=cpu_long's), shared among model sizes")
+    fig.tight_layout()
+    fig.savefig(plot, dpi=100)
+    print(f"wrote {plot}; parameters in all: " + ", ".join(f"{n} {params[n]:.1f}M" for n in names))
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -1156,12 +1204,12 @@ def main(argv):
         sys.exit(f"error: unknown --rows={','.join(sorted(set(rows) - set(QUALITY_ROWS)))}: choose from "
                  f"{', '.join(QUALITY_ROWS)} or all")
     for section in sections:
-        if section not in ("vocab", "prepare", "train", "sample", "quality", "probes", "llama", "gpu"):
-            sys.exit(f"error: unknown section {section!r}: choose vocab, prepare, train, sample, quality, probes, llama "
-                     f"or gpu")
+        if section not in ("vocab", "prepare", "train", "sample", "quality", "sizes", "probes", "llama", "gpu"):
+            sys.exit(f"error: unknown section {section!r}: choose vocab, prepare, train, sample, quality, sizes, "
+                     f"probes, llama or gpu")
         if section in ("probes", "llama") and "checkpoint" not in options:
             sys.exit(f"error: bench.py {section} needs --checkpoint=PATH: a checkpoint train.py wrote")
-        if section in ("vocab", "prepare", "quality") and "data" not in options:
+        if section in ("vocab", "prepare", "quality", "sizes") and "data" not in options:
             sys.exit(f"error: bench.py {section} needs --data=PATH: a folder of TinyStories .txt(.gz) files named "
                      f"*train* and *valid* (README: your own data)")
     for section in sections:
@@ -1186,6 +1234,8 @@ def main(argv):
             bench_sample()
         elif section == "quality":
             bench_quality(options["data"], rows, keep=options.get("out"))
+        elif section == "sizes":
+            bench_sizes(options["data"], keep=options.get("out"))
         elif section == "probes":
             bench_probes(options["checkpoint"].split(","), options.get("data"))
         elif section == "llama":

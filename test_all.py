@@ -2339,6 +2339,20 @@ def test_bench_quality_trains_scores_and_keeps_each_row(tmp_path, capsys, monkey
     assert f"{bench.scores(r.stdout)[0]:.3f}" == trained[6]
 
 
+def test_bench_sizes_trains_each_size_and_plots_them(tmp_path, capsys, monkeypatch):
+    import bench
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(bench, "SIZES", [(1, 32), (2, 32)])
+    rows = {f"size-{n}x32": ("tiny", 300, [*TINY_ARGS, f"--n_layer={n}", "--max_iters=4", "--eval_interval=4"], None)
+            for n in (1, 2)}
+    monkeypatch.setattr(bench, "QUALITY_ROWS", rows)
+    results = bench.bench_sizes(sources.DEMO_CORPUS, plot=str(tmp_path / "sizes.png"))
+    assert list(results) == list(rows) and all(0 <= r["probes"]["held-out"] <= 1 for r in results.values())
+    assert (tmp_path / "sizes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "size-1x32" in capsys.readouterr().out
+
+
 @slow
 @needs_cpp
 def test_bench_train_runs_the_gpu_branches_on_a_cpu(capsys):
