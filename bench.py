@@ -472,7 +472,7 @@ def bench_sample(device=None, model_config=None, n_long=256, n_short=16, repeats
     """
     Generation speed at batch 1, from the prompt sample.py's command below uses, past the context (256 new
     tokens after 5, with a context of 128): sample.py's real path (its defaults: temperature 0.8, top-k 200,
-    top-p 0.95, each token decoded and written out as it comes) beside the bare decoding loop (model.generate
+    top-p 0.95, each token decoded and written out as it comes) beside the bare decoding loop (model.py's generate
     with plain sampling), and a nanoGPT-style sampler; in this process and as the command a user runs, all in one
     run. Then where sample.py's time goes, and (extras) batch 8, bf16 and the memory floor. The default model has
     random weights: speed does not depend on them. The tests run this on a tiny model without the commands.
@@ -523,7 +523,7 @@ def bench_sample(device=None, model_config=None, n_long=256, n_short=16, repeats
         sample.generate_text(model, enc, ids, {**cfg, "max_new_tokens": n_short}, None, sink)  # warm up
         ms = {name: ms_per_token(fn, n_short, n_long, repeats) for name, fn in
               (("bare", bare), ("sample", sample_py), ("nanogpt", nanogpt))}
-        rows = [("bare decoding loop: model.generate (KV cache), plain sampling", "bare", "nanogpt"),
+        rows = [("bare decoding loop: model.py's generate (KV cache), plain sampling", "bare", "nanogpt"),
                 ("sample.py's path: its default settings, each token decoded and written out", "sample", "nanogpt"),
                 ("nanoGPT-style sampler: context recomputed, head on the last position, torch.multinomial",
                  "nanogpt", "nanogpt")]

@@ -44,8 +44,9 @@ def export(cfg):
     ckpt = checkpoint.load(path)
     model = GPT.from_checkpoint(ckpt)
     if model.config.value_embed and cfg["format"] == "gguf":
-        raise UserError(f"{path} has value embeddings (--value_embed=True, as the CPU presets train), which llama.cpp's "
-                        f"GPT-2 lacks: export it for transformers (python export.py), or train with --value_embed=False")
+        raise UserError(f"{path} has value embeddings (--value_embed=True, as the CPU presets train), which "
+                        f"llama.cpp's GPT-2 lacks: export it for transformers (python export.py), or train with "
+                        f"--value_embed=False")
     check_export_dir(export_dir)
     provenance = {"checkpoint": cfg["checkpoint"], "step": ckpt.get("step")}
     dtype = torch.float16 if cfg["dtype"] == "float16" else torch.float32

@@ -139,7 +139,7 @@ class GPT(nn.Module):
         """The final hidden states (B, T, n_embd) of the tokens idx (B, T); with a cache, those after its own."""
         start = cache.pos if cache is not None else 0
         T = idx.size(1)
-        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
+        assert start + T <= self.config.block_size, f"{start + T} tokens, block_size is {self.config.block_size}"
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         ve = self.vte(idx) if self.config.value_embed else None
@@ -164,7 +164,8 @@ class GPT(nn.Module):
     def from_checkpoint(cls, ckpt):
         """The model a checkpoint (checkpoint.load) holds: its shape from the checkpoint, never from the flags."""
         # (a setting newer than the checkpoint keeps its default: what the model was before the setting existed)
-        model = cls(GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig) if f.name in ckpt["config"]}))
+        saved = ckpt["config"]
+        model = cls(GPTConfig(**{f.name: saved[f.name] for f in fields(GPTConfig) if f.name in saved}))
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -177,7 +177,8 @@ def accuracy(items, logprob):
     prefixes = [p for _, p, _, _ in items] * 2
     scores = logprob(prefixes, [r for _, _, r, _ in items] + [w for _, _, _, w in items])
     # a tie (a model that cannot tell them apart) is half right
-    right = [(scores[i] > scores[i + len(items)]) + 0.5 * (scores[i] == scores[i + len(items)]) for i in range(len(items))]
+    n = len(items)
+    right = [(scores[i] > scores[i + n]) + 0.5 * (scores[i] == scores[i + n]) for i in range(n)]
     result = {}
     for kind in KINDS:
         marks = [r for (k, _, _, _), r in zip(items, right) if k == kind]
