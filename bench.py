@@ -754,6 +754,7 @@ for name, size in VOCABS.items():
 QUALITY_ROWS.update({
     "seed-4096": ("the tutorial's recipe, 4 layers, 128 wide, 16 x 64", 4096, [*SEED_SHAPE, *SEED], 1),
     "seed-gpt2": ("the tutorial's recipe on GPT-2's vocabulary", 50257, [*SEED_SHAPE, *SEED], 1),
+    "seed-long": ("the tutorial's recipe at --preset=cpu_long's compute", 4096, [*SEED_SHAPE, *SEED], 3.0),
     # the vocabulary, at --preset=cpu's recipe as it was
     "cpu-before": ("--preset=cpu before the compact vocabulary, as it was", 50257, [*CPU_BEFORE, "--max_iters=411"],
                    None),
