@@ -1463,6 +1463,7 @@ def test_the_hub_check_goes_through_the_users_proxy(monkeypatch):
     # hub.invalid never resolves: only a proxy can reach it, as on a network where direct connections are blocked
     for k in [k for k in os.environ if k.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")]:
         monkeypatch.delenv(k)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # (the user's: offline, prepare.py would not ask the hub)
     monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
     assert not sources.hub_reachable()
     proxy = FakeProxy()
