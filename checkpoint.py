@@ -52,14 +52,12 @@ def run_settings(cfg, chosen, ckpt, path):
     """
     if ckpt is None:
         return cfg, set(chosen)
-    # a setting newer than the checkpoint has its default: what the model was before the setting existed
-    shape = {k: ckpt["config"].get(k, default) for k, default in MODEL.items()}
-    for k in shape:
-        if k in chosen and cfg[k] != shape[k]:
-            raise UserError(f"{path} was trained with {k}={shape[k]!r}, not --{k}={cfg[k]!r}: "
+    for k in MODEL:
+        if k in chosen and cfg[k] != ckpt["config"][k]:
+            raise UserError(f"{path} was trained with {k}={ckpt['config'][k]!r}, not --{k}={cfg[k]!r}: "
                             f"the model shape cannot change on resume")
     saved = {k: v for k, v in ckpt["config"].items() if k in cfg and k not in chosen and k not in RUN_KEYS}
-    cfg = {**cfg, **saved, **shape}
+    cfg = {**cfg, **saved, **{k: ckpt["config"][k] for k in MODEL}}
     check_config(cfg)  # what the checkpoint holds, with the flags given now
     return cfg, set(ckpt["chosen"]) | set(chosen)
 

@@ -38,7 +38,6 @@ MODEL = dict(
     dropout=0.0,
     bias=False,  # biases in Linear and LayerNorm: no gain for small models, a little slower
     value_embed=False,  # a second token embedding added to the attention values of every layer (see model.py)
-    tie_head=True,  # the output head is the token embedding's matrix; False gives it its own
 )
 TRAINING = dict(
     init_from="scratch",  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
@@ -128,7 +127,6 @@ rules = dict(
     dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
     bias=ANY,
     value_embed=ANY,
-    tie_head=ANY,
     momentum_warmup=(lambda v: v >= 0, ">= 0"),
     init_from=(lambda v: v in ("scratch", "resume"), "scratch or resume"),
     eval_only=ANY,

@@ -84,8 +84,6 @@ def gpt2_weights(model, dtype):
             out["transformer." + name.replace("attn.ve_gate", "attn.c_attn.ve_gate")] = w.t() if w.dim() == 2 else w
     if c.value_embed:
         out["vte.weight"] = sd["vte.weight"][:c.vocab_size]
-    if not c.tie_head:
-        out["lm_head.weight"] = sd["lm_head.weight"][:c.vocab_size]
     for name, w in list(out.items()):
         if name.startswith(("transformer.h.", "transformer.ln_f.")) and name.endswith(".weight"):
             # GPT-2 has a bias in every Linear and LayerNorm: zeros compute what a model without them does
@@ -119,7 +117,7 @@ def gpt2_config(model, dtype, provenance):
         "scale_attn_weights": True,  # 1 / sqrt(head size), as scaled_dot_product_attention does
         "bos_token_id": eot,
         "eos_token_id": eot,
-        "tie_word_embeddings": c.tie_head,
+        "tie_word_embeddings": True,
         "dtype": str(dtype).removeprefix("torch."),
         MARKER: provenance,  # says export.py wrote this folder, and from which checkpoint
     }
@@ -210,8 +208,7 @@ def gguf_tensors(model, dtype):
     names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
     out = {"token_embd.weight": sd["wte.weight"][:c.vocab_size], "position_embd.weight": sd["wpe.weight"]}
-    if not c.tie_head:  # llama.cpp's gpt2 reads a head of its own as "output", else it uses token_embd
-        out["output.weight"] = sd["lm_head.weight"][:c.vocab_size]
+    # (no "output": llama.cpp's gpt2 then scores tokens with token_embd, tied as in model.py)
     pairs = [("ln_f", "output_norm")] + [(f"h.{i}.{ours}", f"blk.{i}.{theirs}") for i in range(c.n_layer)
                                          for ours, theirs in names.items()]
     for ours, theirs in pairs:

@@ -30,7 +30,6 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in Linear and LayerNorm
     value_embed: bool = False  # a second token embedding, added to every layer's attention values
-    tie_head: bool = True  # the head is the token embedding's matrix; False gives it one of its own
 
     @property
     def padded_vocab_size(self):
@@ -103,8 +102,7 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        if config.tie_head:
-            self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
+        self.lm_head.weight = self.wte.weight  # tied: one matrix embeds tokens and scores them
         if config.value_embed:
             # Value embeddings (modded-nanogpt): each token's own vector, added with a learned weight per layer to
             # the values its position offers the attention, so a layer can pass on which token a position holds
@@ -121,12 +119,9 @@ class GPT(nn.Module):
                                           residual stream, so this keeps its variance from growing with depth
           LayerNorm weight / any bias     1 / 0
           ve_gate (value embeddings)      0: every layer starts without them
-          lm_head, when not tied          0: every token starts equally likely (modded-nanogpt)
         """
         for name, p in self.named_parameters():
-            if name == "lm_head.weight":
-                nn.init.zeros_(p)
-            elif name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
             elif p.dim() == 2:
                 nn.init.normal_(p, mean=0.0, std=0.02)
@@ -163,9 +158,7 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt):
         """The model a checkpoint (checkpoint.load) holds: its shape from the checkpoint, never from the flags."""
-        # (a setting newer than the checkpoint keeps its default: what the model was before the setting existed)
-        saved = ckpt["config"]
-        model = cls(GPTConfig(**{f.name: saved[f.name] for f in fields(GPTConfig) if f.name in saved}))
+        model = cls(GPTConfig(**{f.name: ckpt["config"][f.name] for f in fields(GPTConfig)}))
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as e:

@@ -141,8 +141,7 @@ def flops_per_token(model):
     """Training FLOPs per token: 6 per weight it meets (forward 2, backward 4), the head included and the position
     and value embeddings (lookups) not, plus attention's scores and mix over block_size keys in every layer."""
     c = model.config
-    tables = (model.wpe, getattr(model, "vte", None), None if c.tie_head else model.wte)  # looked up, not multiplied
-    looked_up = sum(m.weight.numel() for m in tables if m is not None)
+    looked_up = sum(m.weight.numel() for m in (model.wpe, getattr(model, "vte", None)) if m is not None)
     return 6 * (sum(p.numel() for p in model.parameters()) - looked_up) + 12 * c.n_layer * c.n_embd * c.block_size
 
 

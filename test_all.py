@@ -229,7 +229,7 @@ NONSENSE = dict(
     temperature=-0.5,
     top_k=0, top_p=0.0, preset="gpu", format="onnx", export_dir=" ",
 )
-ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed", "tie_head"}
+ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed"}
 BAD_COMBINATIONS = {  # the keys of each rule in config.combinations -> flags that break it
     ("n_embd", "n_head"): ["--n_head=5"],
     ("warmup_iters", "lr_decay_iters"): ["--warmup_iters=100", "--lr_decay_iters=50"],
@@ -562,18 +562,6 @@ def test_parameter_counts_of_the_default_model():
     assert c.padded_vocab_size % 64 == 0 and c.padded_vocab_size >= c.vocab_size
 
 
-def test_a_head_of_its_own_starts_at_zero_and_is_counted_once():
-    torch.manual_seed(0)
-    tied, untied = (GPT(GPTConfig(**TINY_MODEL, vocab_size=300, tie_head=t)) for t in (True, False))
-    assert untied.lm_head.weight is not untied.wte.weight and not untied.lm_head.weight.any()
-    extra = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters())
-    assert extra == untied.config.padded_vocab_size * 32  # one more vocabulary-sized matrix, nothing else
-    # the token embedding is then only looked up: the FLOPs a token costs do not change
-    assert runtime.flops_per_token(untied) == runtime.flops_per_token(tied)
-    x = torch.randint(0, 300, (2, 16))
-    assert torch.allclose(untied(x)[0], torch.zeros(2, 16, untied.config.padded_vocab_size))  # all equally likely
-
-
 def test_initial_loss_and_causality():
     torch.manual_seed(0)
     V = 8192
@@ -790,7 +778,7 @@ def same_weights(a, b):
 
 def test_resume_equals_an_uninterrupted_run(demo_data, tmp_path):
     data_dir, _ = demo_data
-    common = dict(warmup_iters=2, lr_decay_iters=10, dropout=0.1, eval_interval=5, value_embed=True, tie_head=False)
+    common = dict(warmup_iters=2, lr_decay_iters=10, dropout=0.1, eval_interval=5, value_embed=True)
     straight = train_tiny(data_dir, tmp_path / "a", max_iters=10, **common)
     train_tiny(data_dir, tmp_path / "b", max_iters=4, **common)
     resumed = train_tiny(data_dir, tmp_path / "b", chosen={"max_iters", "init_from"}, max_iters=10, init_from="resume",
@@ -1868,21 +1856,6 @@ def test_eval_only_prints_one_line_bits_per_byte_first(demo_data, trained):
     assert ppl == pytest.approx(math.exp(nats / (len(ids) - 1)), abs=2e-3 * ppl)
 
 
-def test_a_checkpoint_from_before_a_model_setting_samples_and_resumes(trained, demo_data, tmp_path):
-    out_dir, model = trained
-    ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
-    del ckpt["config"]["tie_head"]  # as checkpoints were written before --tie_head existed
-    torch.save(ckpt, tmp_path / "ckpt.pt")
-    old = GPT.from_checkpoint(checkpoint.load(str(tmp_path / "ckpt.pt")))
-    assert old.config.tie_head and same_weights(weights(old), weights(model))
-    assert sample_script.sample(sample_cfg(tmp_path, num_samples=1, max_new_tokens=8), out=None)
-    r = run("train.py", f"--out_dir={tmp_path}", "--init_from=resume", f"--data_dir={demo_data[0]}",
-            f"--max_iters={ckpt['step'] + 2}")
-    assert r.returncode == 0 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["tie_head"], r.stderr
-    fails_with(train_script.main, [f"--out_dir={tmp_path}", "--init_from=resume", f"--data_dir={demo_data[0]}",
-                                   "--tie_head=False", "--max_iters=100"], "was trained with tie_head=True")
-
-
 def test_a_checkpoint_from_another_version_or_shape_is_refused(trained, tmp_path):
     out_dir, _ = trained
     ckpt = torch.load(out_dir / "ckpt.pt", weights_only=True)
@@ -1921,12 +1894,11 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def exported(demo_data, gpt2_data, trained, tmp_path_factory):
     """{name: (out_dir, the project's model from its checkpoint, its tokenizer, export folder)}: the tiny trained
-    model (compact vocabulary, no biases), one with --bias=True and a head of its own (--tie_head=False), one on
-    GPT-2's whole vocabulary, and one with value embeddings and a head of its own (as the CPU presets train)."""
+    model (compact vocabulary, no biases), one with --bias=True, one on GPT-2's whole vocabulary, and one with value
+    embeddings (as the CPU presets train)."""
     runs = {}
-    for name, data_dir, overrides in (("bias", demo_data[0], dict(bias=True, tie_head=False)), ("gpt2", gpt2_data[0], {}),
-                                      ("ve", demo_data[0], dict(value_embed=True, tie_head=False, max_iters=30,
-                                                                eval_interval=30))):
+    for name, data_dir, overrides in (("bias", demo_data[0], dict(bias=True)), ("gpt2", gpt2_data[0], {}),
+                                      ("ve", demo_data[0], dict(value_embed=True, max_iters=30, eval_interval=30))):
         out_dir = tmp_path_factory.mktemp(f"trained_{name}")
         train_tiny(data_dir, out_dir, **{**dict(max_iters=2, eval_interval=2, eval_iters=1), **overrides})
         runs[name] = out_dir
@@ -1960,8 +1932,7 @@ def story_windows(enc, n, length):
 def test_transformers_computes_the_same_logits(exported, hf, no_network, name):
     _, model, enc, folder = exported[name]
     gpt2 = load_exported(hf, folder)
-    tied = gpt2.lm_head.weight.data_ptr() == gpt2.transformer.wte.weight.data_ptr()
-    assert gpt2.config.tie_word_embeddings == tied == model.config.tie_head == (name in ("compact", "gpt2"))
+    assert gpt2.config.tie_word_embeddings and gpt2.lm_head.weight.data_ptr() == gpt2.transformer.wte.weight.data_ptr()
     assert gpt2.config.n_positions == model.config.block_size and gpt2.dtype == torch.float32
     if name == "bias":  # trained biases, not the zeros a model without them exports
         assert all(b.abs().max() > 0 for k, b in model.state_dict().items() if k.endswith(".bias"))

@@ -78,9 +78,8 @@ def train(cfg, chosen=()):
     eval_iters = runtime.cpu_eval_iters(cfg, chosen, device)
     if master:
         n_params, n_total = model.num_params()
-        head = "the head is tied to" if model.config.tie_head else "a head of its own beside"
-        print(f"model: {n_params / 1e6:.2f}M parameters besides the embeddings, {n_total / 1e6:.2f}M in all ({head} "
-              f"the {meta['vocab_size']:,}-token embedding)")
+        print(f"model: {n_params / 1e6:.2f}M parameters besides the embeddings, {n_total / 1e6:.2f}M in all (the head "
+              f"is tied to the {meta['vocab_size']:,}-token embedding)")
         print(f"tokens per step: {tokens_per_step:,} = {grad_accum} accumulation x {world} processes x "
               f"{cfg['batch_size']} batch x {cfg['block_size']} tokens; on {device} in {dtype}")
         if device.type == "cpu":
