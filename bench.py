@@ -741,6 +741,9 @@ SEED_SHAPE = BUDGET_FLAGS + ["--eval_interval=200", "--eval_iters=10"]
 # --preset=cpu_long as it was: the base of the long-* rows
 LONG_BEFORE = ["--preset=cpu", "--max_iters=3000", "--eval_interval=500"]
 LONG_256 = [*LONG_BEFORE, "--batch_size=16", "--block_size=256"]
+# --preset=cpu at context 256, and with --preset=cpu_long's schedule: the base of the probes' rows
+CPU_256 = ["--preset=cpu", "--batch_size=16", "--block_size=256"]
+CPU_LONG_RECIPE = [*CPU_256, "--min_lr=0.0", "--muon_weight_decay=0.1"]
 # The default model at a batch a CPU can take (16 x 128), for 1.0M tokens a row
 DEFAULT_SHAPE = ["--batch_size=16", "--max_iters=512", "--eval_interval=128", "--eval_iters=10"]
 VOCABS = {"4096": 4096, "8192": 8192, "16384": 16384, "gpt2": 50257}
@@ -807,6 +810,29 @@ QUALITY_ROWS.update({
                     None),
     "preset-long-muon-wd-0.2": ("--preset=cpu_long, Muon's weight decay 0.2", 4096,
                                 ["--preset=cpu_long", "--muon_weight_decay=0.2"], None),
+    # the coherence probes (probes.py): --preset=cpu one change at a time, at its own steps
+    "preset-seed-1": ("--preset=cpu, --seed=1", 4096, ["--preset=cpu", "--seed=1"], None),
+    "preset-lr-to-zero": ("--preset=cpu with an LR that ends at zero", 4096, ["--preset=cpu", "--min_lr=0.0"], None),
+    "preset-heads-2": ("--preset=cpu, 2 heads", 4096, ["--preset=cpu", "--n_head=2"], None),
+    "preset-heads-8": ("--preset=cpu, 8 heads", 4096, ["--preset=cpu", "--n_head=8"], None),
+    "preset-width-128": ("--preset=cpu 128 wide, for the same FLOPs", 4096,
+                         ["--preset=cpu", "--n_embd=128", "--max_iters=770"], None),
+    "preset-steps-2x": ("--preset=cpu for twice the steps", 4096, ["--preset=cpu", "--max_iters=2000"], None),
+    "preset-context-256": ("--preset=cpu at 16 x 256 tokens a step", 4096, CPU_256, None),
+    "preset-context-256-seed-1": ("preset-context-256, --seed=1", 4096, [*CPU_256, "--seed=1"], None),
+    "preset-context-256-no-ve": ("preset-context-256 without value embeddings", 4096,
+                                 [*CPU_256, "--value_embed=False"], None),
+    "preset-long-recipe": ("preset-context-256 with cpu_long's LR to zero and Muon's weight decay", 4096,
+                           CPU_LONG_RECIPE, None),
+    "preset-long-recipe-no-ve": ("preset-long-recipe without value embeddings", 4096,
+                                 [*CPU_LONG_RECIPE, "--value_embed=False"], None),
+    "preset-long-recipe-no-ve-muon-0.03": ("preset-long-recipe-no-ve, Muon's LR 0.03", 4096,
+                                           [*CPU_LONG_RECIPE, "--value_embed=False", "--muon_lr=0.03"], None),
+    "preset-long-recipe-no-ve-adamw-0.06": ("preset-long-recipe-no-ve, AdamW's LR 0.06", 4096,
+                                            [*CPU_LONG_RECIPE, "--value_embed=False", "--learning_rate=0.06"], None),
+    "preset-long-recipe-no-ve-heads-2": ("preset-long-recipe-no-ve, 2 heads", 4096,
+                                         [*CPU_LONG_RECIPE, "--value_embed=False", "--n_head=2"], None),
+    "preset-long-heads-8": ("--preset=cpu_long, 8 heads", 4096, ["--preset=cpu_long", "--n_head=8"], None),
     # the default model, 1.0M tokens at batch 16 x 128
     "default": ("the default recipe: Muon 0.02, AdamW 0.02, weight decay 0.1", 4096, DEFAULT_SHAPE, None),
     "default-nanogpt": ("nanoGPT's: AdamW 6e-4 for everything, cosine to 6e-5", 4096,
@@ -820,14 +846,14 @@ QUALITY_ROWS.update({
     "default-muon-0.04": ("default, Muon's LR 0.04", 4096, [*DEFAULT_SHAPE, "--muon_lr=0.04"], None),
     "default-seed": ("the tutorial's recipe at the default shape", 4096, [*DEFAULT_SHAPE, *SEED], None),
 })
-# How the probes and bits/byte grow with the model's size at one compute, --preset=cpu_long's (3.0 budgets), each at
-# that preset's recipe: the rows size-<layers>x<width>, one head per 32 dimensions
-LONG_BUDGET = 3.0
+# How the probes and bits/byte grow with the model's size at one compute, the budget above (1.17x --preset=cpu's;
+# three times that, cpu_long's, would take a 2-core machine hours), each at --preset=cpu's recipe: the rows
+# size-<layers>x<width>, one head per 32 dimensions
 SIZES = [(4, 64), (4, 128), (6, 192), (8, 256), (6, 384)]
 for n_layer, n_embd in SIZES:
     QUALITY_ROWS[f"size-{n_layer}x{n_embd}"] = (
-        f"--preset=cpu_long's recipe and compute, {n_layer} layers, {n_embd} wide", 4096,
-        ["--preset=cpu_long", f"--n_layer={n_layer}", f"--n_embd={n_embd}", f"--n_head={n_embd // 32}"], LONG_BUDGET)
+        f"--preset=cpu's recipe at the budget, {n_layer} layers, {n_embd} wide", 4096,
+        ["--preset=cpu", f"--n_layer={n_layer}", f"--n_embd={n_embd}", f"--n_head={n_embd // 32}"], 1)
 DEFAULT_ROWS = ["bigram-4096", "trigram-4096", "seed-4096", "cpu-before", "preset", "preset-long"]
 
 
@@ -954,7 +980,7 @@ def bench_sizes(data, keep=None, plot="model_sizes.png"):
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend()
-    fig.suptitle("one compute (--preset=cpu_long's), shared among model sizes")
+    fig.suptitle("one compute (1.17x --preset=cpu's), shared among model sizes")
     fig.tight_layout()
     fig.savefig(plot, dpi=100)
     print(f"wrote {plot}; parameters in all: " + ", ".join(f"{n} {params[n]:.1f}M" for n in names))
