@@ -1394,6 +1394,20 @@ def test_a_stop_at_the_first_an_evaluation_or_the_last_step_resumes_to_the_same_
             assert same_contents(got[what], expected[what]), (step, what)
 
 
+@slow
+def test_a_stop_between_loss_checks_never_saves_a_diverged_model(demo_data, tmp_path):
+    # the loss is looked at every log_interval steps only; a stop in between saves ckpt.pt, unless the weights broke
+    data_dir, _ = demo_data
+    out = tmp_path / "out"
+    r = signal_during_step(2, signal.SIGTERM, *TINY_ARGS, f"--data_dir={data_dir}", f"--out_dir={out}",
+                           "--max_iters=50", "--eval_interval=100", "--log_interval=100", "--learning_rate=1e9",
+                           "--muon_lr=1e9", "--warmup_iters=0", "--eval_sample=0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert error_line(r).startswith("error: the weights are not finite at step 3: training diverged")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)  # step 0's evaluation saved it; it is still that one
+    assert ckpt["step"] == 0 and all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
 def test_a_data_folder_from_before_the_compact_vocabulary_is_refused_before_any_work(demo_data, tmp_path):
     data_dir, _ = demo_data
     old = tmp_path / "old"

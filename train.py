@@ -126,6 +126,9 @@ def train(cfg, chosen=()):
             # the state to resume from: after an evaluation and on a stop; but not at the step a resumed run started
             # from, whose checkpoint holds it already (a new run starts at step 0 with none)
             if (evaluating and (step > start_step or step == 0)) or signum:
+                # the loss is checked only every log_interval steps: a stop in between must not save a diverged model
+                if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+                    raise UserError(f"the weights are not finite at step {step}: {diverged}")
                 ranks = checkpoint.rng_states(generator, device, world)  # every process's: they all call it
                 if master:
                     checkpoint.save(ckpt_path, model, cfg, chosen, meta["vocab"], step=step, best_val_loss=best_val,
@@ -144,7 +147,7 @@ def train(cfg, chosen=()):
             bar.update(1)
 
             if step % cfg["log_interval"] == 0:
-                loss_value = loss.item()  # waits for the GPU: so only every log_interval steps
+                loss_value = loss.item()  # the last micro-batch's; it waits for the GPU, so only now and then
                 if not math.isfinite(loss_value):  # every process stops, none waits for another
                     raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
             if step % cfg["log_interval"] == 0 and master:
@@ -217,7 +220,7 @@ def set_lr(optimizers, step, cfg):
             group["lr"] = (cfg["muon_lr"] if muon else cfg["learning_rate"]) * scale
             if muon:
                 warmup = cfg["momentum_warmup"]
-                group["momentum"] = 0.85 + 0.10 * min(step / warmup, 1) if warmup else 0.95
+                group["momentum"] = (0.85 + 0.10 * min(step / warmup, 1)) if warmup else 0.95
 
 
 @torch.no_grad()
@@ -250,7 +253,8 @@ def train_step(model, optimizers, scaler, data, generator, cfg, ctx, device):
         # each loss is its micro-batch's mean: divided by their number, the summed gradients are the mean over the
         # whole step, as one big batch would give
         scaler.scale(loss / grad_accum).backward()
-    if cfg["grad_clip"] > 0:  # bounds AdamW's steps after a spike; Muon orthogonalizes its update whatever its size
+    # every gradient, clipped together; it bounds AdamW's steps after a spike (Muon's update has a fixed size anyway)
+    if cfg["grad_clip"] > 0:
         for optimizer in optimizers:
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
