@@ -936,15 +936,14 @@ def bench_quality(data, rows, keep=None):
                 if flags == "trigram":
                     train_ids = np.fromfile(os.path.join(data_dir, "train.bin"), dtype="<u2").astype(np.int64)
                     logprob = trigram_logprob(train_ids, get_tokenizer(meta["vocab"]), meta["vocab_size"])
-                    scores = {split: probes.accuracy(probes.make_items(split), logprob)["all"]
-                              for split in ("held-out", "dev")}
+                    scores = {split: probes.accuracy(probes.make_items(split), logprob)["all"] for split in PROBE_SETS}
             else:
                 out = os.path.join(keep or tmp, name)
                 tokens, steps, seconds, bpb, nats, rise = train_row(name, data_dir, meta, out)
                 rise = f"{rise:.2f}"
-                scores = {split: probe_scores(os.path.join(out, "ckpt.pt"), split)["all"] for split in ("held-out", "dev")}
+                scores = {split: s["all"] for split, s in probe_scores(os.path.join(out, "ckpt.pt")).items()}
             wall = f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
-            shown = [f"{100 * scores[s]:.1f}%" if s in scores else "" for s in ("held-out", "dev")]
+            shown = [f"{100 * scores[s]:.1f}%" if s in scores else "" for s in PROBE_SETS]
             print(f"| {name} | {what} | {vocab_size:,} | {tokens / 1e6:.2f}M | {steps} | {wall} | {bpb:.3f} | "
                   f"{nats:.3f} | {shown[0]} | {shown[1]} | {rise} |", flush=True)
             results[name] = dict(tokens=tokens, seconds=seconds, bits_per_byte=bpb, probes=scores)
@@ -991,6 +990,9 @@ def bench_sizes(data, keep=None, plot="model_sizes.png"):
 # probes: does a model keep track of who has what (probes.py), beside chance, an untrained model and counts
 
 
+PROBE_SETS = ("held-out", "dev")
+
+
 def trigram_logprob(train_ids, enc, vocab_size):
     """probes' logprob() for the interpolated Kneser-Ney trigram counts of train_ids, as count_row scores them."""
     def logprob(prefixes, continuations):
@@ -1005,18 +1007,17 @@ def trigram_logprob(train_ids, enc, vocab_size):
     return logprob
 
 
-def probe_scores(checkpoint, split="held-out", device=None):
-    """{kind: accuracy, "all": ...} of a checkpoint on one probe set."""
+def probe_scores(checkpoint_path, device=None):
+    """{probe set: {kind: accuracy, "all": ...}} of a checkpoint, on both sets."""
+    import checkpoint
     import probes
-    import checkpoint as checkpoints
+    from model import GPT
     from tokenizer import get_tokenizer
 
     device = device or default_device()
-    from model import GPT
-
-    ckpt = checkpoints.load(checkpoint)
-    model = GPT.from_checkpoint(ckpt).to(device)
-    return probes.accuracy(probes.make_items(split), probes.model_logprob(model, get_tokenizer(ckpt["vocab"]), device))
+    ckpt = checkpoint.load(checkpoint_path)
+    logprob = probes.model_logprob(GPT.from_checkpoint(ckpt).to(device), get_tokenizer(ckpt["vocab"]), device)
+    return {split: probes.accuracy(probes.make_items(split), logprob) for split in PROBE_SETS}
 
 
 def bench_probes(checkpoints, data=None):
@@ -1024,33 +1025,36 @@ def bench_probes(checkpoints, data=None):
     (with --data, text prepared in the checkpoint's vocabulary) the Kneser-Ney trigram counts."""
     import torch
 
+    import checkpoint
     import prepare
     import probes
-    import checkpoint
+    from model import GPT
     from tokenizer import get_tokenizer
 
     device = default_device()
-    columns = {}
-    from model import GPT
-
     first = checkpoint.load(checkpoints[0])
     enc = get_tokenizer(first["vocab"])
     untrained = GPT.from_checkpoint(first).to(device)
     torch.manual_seed(0)
     untrained.init_weights()  # the same shape, as train.py starts it
+    trigram = None
+    if data is not None:
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            meta = prepare.prepare(dict(dataset=data, data_dir=tmp, val_fraction=0.05, force=False,
+                                        vocab_size=first["config"]["vocab_size"]))
+            train_ids = np.fromfile(os.path.join(tmp, "train.bin"), dtype="<u2").astype(np.int64)
+        if meta["vocab"] == first["vocab"]:
+            trigram = trigram_logprob(train_ids, enc, meta["vocab_size"])
+    scores = {path: probe_scores(path, device) for path in checkpoints}
+    columns = {}
     for split in ("dev", "held-out"):
         items = probes.make_items(split)
         columns[f"untrained, {split}"] = probes.accuracy(items, probes.model_logprob(untrained, enc, device))
-        if data is not None:
-            with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
-                    contextlib.redirect_stderr(io.StringIO()):
-                meta = prepare.prepare(dict(dataset=data, data_dir=tmp, val_fraction=0.05, force=False,
-                                            vocab_size=first["config"]["vocab_size"]))
-                train_ids = np.fromfile(os.path.join(tmp, "train.bin"), dtype="<u2").astype(np.int64)
-            if meta["vocab"] == first["vocab"]:
-                columns[f"trigram counts, {split}"] = probes.accuracy(items, trigram_logprob(train_ids, enc, meta["vocab_size"]))
+        if trigram is not None:
+            columns[f"trigram counts, {split}"] = probes.accuracy(items, trigram)
         for path in checkpoints:
-            columns[f"{path}, {split}"] = probe_scores(path, split, device)
+            columns[f"{path}, {split}"] = scores[path][split]
     print(f"probes: {len(probes.make_items('dev'))} items in each set, two candidates each (chance 50%); machine: "
           f"{machine()}")
     print("| kind | what | " + " | ".join(columns) + " |")

@@ -2243,6 +2243,25 @@ def test_an_untrained_model_scores_near_chance(demo_data):
     assert abs(scores["all"] - 0.5) < 0.05, scores  # 1,100 items: chance give or take a few points
 
 
+def test_bench_probes_puts_each_checkpoint_beside_its_baselines(trained, demo_data, capsys):
+    import bench
+    import probes
+
+    out_dir, model = trained
+    path = str(out_dir / "ckpt.pt")
+    columns = bench.bench_probes([path], data=sources.DEMO_CORPUS)
+    logprob = probes.model_logprob(model, get_tokenizer(demo_data[1]["vocab"]), torch.device("cpu"))
+    for split in ("dev", "held-out"):
+        # the checkpoint's column is the trained model's own score; the baselines stand beside it
+        assert columns[f"{path}, {split}"] == probes.accuracy(probes.make_items(split), logprob)
+        assert {f"untrained, {split}", f"trigram counts, {split}"} <= set(columns)
+    assert len(columns) == 6
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [line.split(" | ")[0][2:] for line in table] == ["kind", *probes.KINDS, "all"]
+    for c in columns.values():  # 100 items a kind: the total is the mean of the kinds
+        assert c["all"] == pytest.approx(sum(c[k] for k in probes.KINDS) / len(probes.KINDS))
+
+
 # =============================================================================
 # bench.py: the count baselines are what they say, and every section (the GPU's too) runs on a CPU
 
