@@ -237,8 +237,9 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
                 sweep=(16, 64, 128, 256), peak_flops=None, optimizer="muon"):
     """
     Tokens/s of train.py's own step (train.train_step) against a plain eager loop (nanoGPT's: the loss over the
-    full logits, foreach AdamW); the default model on this machine's GPU, else its CPU. On a CPU a row with the
-    plain loss shows what the fused one gains, and a row --compile=True what compiling gives. Where a peak FLOP/s
+    full logits, foreach AdamW); the default model on this machine's GPU, else its CPU. On a CPU a row in float32
+    shows what bf16 gains where auto chose it, a row with the plain loss what the fused one gains, and a row
+    --compile=True what compiling gives. Where a peak FLOP/s
     is known (runtime.peak_flops, or peak_flops), larger batches follow with their MFU. The tests run this on a CPU
     with a tiny model, compiled, in bf16 and against a made-up peak: the branches a GPU takes then run in CI too.
     Returns the figures it printed.
@@ -252,7 +253,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
 
     device = device or default_device()
     model_config = model_config or GPTConfig()
-    ctx, dtype = runtime.autocast_context(device, dtype)
+    ctx, dtype = runtime.autocast_context(device, dtype, training=True)
     peak_flops = peak_flops or runtime.peak_flops(device)
     steps = steps or (3 if device.type == "cpu" else 30)
     T = model_config.block_size
@@ -262,7 +263,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
     print(f"train: {model_config.n_layer} layers, {model_config.n_embd} wide, a {model_config.vocab_size:,}-token "
           f"vocabulary, random tokens, in {dtype}, on {device_name(device)}")
 
-    def make(project, compiled, fused):
+    def make(project, compiled, fused, ctx=ctx):
         torch.manual_seed(0)
         model = GPT(model_config).to(device)
         model.fused_loss = fused
@@ -271,7 +272,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
         else:  # nanoGPT's loop: the default (foreach) AdamW, the loss over the full logits
             optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
         step_model = torch.compile(model, dynamic=False) if compiled else model
-        return dict(model=model, step_model=step_model, optimizers=optimizers,
+        return dict(model=model, step_model=step_model, optimizers=optimizers, ctx=ctx,
                     scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"))
 
     def rate(runner, batch, n):
@@ -282,7 +283,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
         start = time.perf_counter()
         for _ in range(n):
             train.train_step(runner["step_model"], runner["optimizers"], runner["scaler"], data, generator, step_cfg,
-                             ctx, device)
+                             runner["ctx"], device)
         sync(device)
         return batch * T * n / (time.perf_counter() - start)
 
@@ -291,7 +292,10 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
     project = f"train.py's step ({'torch.compile' if compiled else 'fused loss'}, --optimizer={optimizer})"
     runners = {"plain eager loop (full logits + F.cross_entropy, foreach AdamW)": make(False, False, False),
                project: make(True, compiled, device.type == "cpu" and not compiled)}
-    if compile is None and not by_default:  # a CPU: what the fused loss gains, and what compiling gives
+    if compile is None and not by_default:  # a CPU: what bf16 and the fused loss gain, and what compiling gives
+        if dtype != "float32":  # auto chose bf16 on this CPU (runtime.cpu_multiplies_bf16)
+            runners[f"train.py's step in float32 (fused loss, --optimizer={optimizer})"] = make(True, False, True,
+                                                                                                  contextlib.nullcontext())
         runners[f"train.py's step with the plain loss (--optimizer={optimizer})"] = make(True, False, False)
         runners[f"train.py --compile=True (torch.compile, plain loss, --optimizer={optimizer})"] = make(True, True, False)
     compile_seconds = None

@@ -22,13 +22,18 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, targets, with_grad):
-        n = x.size(0)
-        dx, dw = (torch.empty_like(x), torch.empty_like(w)) if with_grad else (None, None)
+        n, rows = x.size(0), min(CHUNK_ROWS, x.size(0))
+        # Under bf16 autocast the three matmuls take bf16, as autocast would give the head; the softmax stays float32
+        low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        xl, wl = x.to(low), w.to(low)  # no copies in float32
+        dx, dw = (torch.empty_like(xl), torch.empty_like(w)) if with_grad else (None, None)  # dw sums in float32
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        buf = x.new_empty(min(CHUNK_ROWS, n), w.size(0))  # one chunk's logits, reused: no big allocations
+        buf = x.new_empty(rows, w.size(0), dtype=torch.float32)  # one chunk's logits, reused: no big allocations
+        products = buf if low == torch.float32 else buf.to(low)  # where the matmul writes them
         for i in range(0, n, CHUNK_ROWS):
-            xc, tc = x[i:i + CHUNK_ROWS], targets[i:i + CHUNK_ROWS]
-            logits = torch.mm(xc, w.t(), out=buf[:len(tc)])
+            xc, tc = xl[i:i + CHUNK_ROWS], targets[i:i + CHUNK_ROWS]
+            logits = buf[:len(tc)]
+            logits.copy_(torch.mm(xc, wl.t(), out=products[:len(tc)]))  # a copy only in bf16
             target_logit = logits.gather(1, tc[:, None])
             top = logits.amax(dim=1, keepdim=True)
             total = logits.sub_(top).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(logit - max)
@@ -36,13 +41,14 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             if with_grad:  # d loss / d logits = (softmax - onehot(target)) / n, in one pass over the logits
                 grad = logits.mul_((total * n).reciprocal_())
                 grad[torch.arange(len(tc)), tc] -= 1.0 / n
-                torch.mm(grad, w, out=dx[i:i + CHUNK_ROWS])
+                grad = grad.to(low)
+                torch.mm(grad, wl, out=dx[i:i + CHUNK_ROWS])
                 if i == 0:
-                    torch.mm(grad.t(), xc, out=dw)
+                    dw.copy_(torch.mm(grad.t(), xc))
                 else:
-                    dw.addmm_(grad.t(), xc)
+                    dw.add_(torch.mm(grad.t(), xc))
         if with_grad:
-            ctx.save_for_backward(dx, dw)
+            ctx.save_for_backward(dx.to(x.dtype), dw)
         return loss / n
 
     @staticmethod

@@ -10,6 +10,7 @@ values in every layer.
 After the model: generation, with a KV cache so that each new token costs one position's work.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -62,8 +63,12 @@ class CausalSelfAttention(nn.Module):
         # past, no mask for a single query, and a shifted triangle for several new queries after a past
         Tk = k.size(2)
         mask = None if T == 1 or T == Tk else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=1 < T == Tk,
-                                           dropout_p=self.dropout if self.training else 0.0)  # flash on CUDA
+        # a CPU's attention trains 3x slower in bf16 than in float32 (its backward), so under autocast it stays float32
+        on_cpu = x.device.type == "cpu"
+        with torch.autocast("cpu", enabled=False) if on_cpu else nullcontext():
+            q, k, v = (q.float(), k.float(), v.float()) if on_cpu else (q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=1 < T == Tk,
+                                               dropout_p=self.dropout if self.training else 0.0)  # flash on CUDA
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 

@@ -614,6 +614,57 @@ def test_fused_loss_equals_plain_cross_entropy(monkeypatch):
     assert model.wte.weight.shape in allocated  # (training does allocate them: the check above can fail)
 
 
+def test_fused_loss_under_bf16_autocast_multiplies_in_bf16_as_the_plain_loss_does():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=1000))
+    x, y = torch.randint(0, 1000, (2, 8, 32))
+    grads = {}
+    for name, fused, bf16 in (("float32", False, False), ("plain", False, True), ("fused", True, True)):
+        model.fused_loss = fused
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x, y, return_logits=False)[1]
+        loss.backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+        assert all(g.dtype == torch.float32 for g in grads[name])  # the weights and their gradients stay float32
+
+    def gap(a, b):
+        return max(((u - v).norm() / u.norm()).item() for u, v in zip(grads[a], grads[b]))
+    # both bf16 paths round alike, and both differ from float32 by bf16's rounding: the head was multiplied in bf16
+    assert gap("plain", "fused") < 0.25 * gap("float32", "fused")
+    assert 1e-4 < gap("float32", "fused") < 0.03
+
+
+def test_attention_on_a_cpu_runs_in_float32_under_bf16_autocast(monkeypatch):
+    # the CPU's bf16 attention backward is 3x slower than float32's (RESULTS.md): autocast must not reach it
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.dtype, torch.is_autocast_enabled("cpu"))) or sdpa(q, k, v, **kw))
+    model = GPT(GPTConfig(**TINY_MODEL))
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(x)
+    assert seen == [(torch.float32, False)] * TINY_MODEL["n_layer"] and logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_training_on_a_cpu_uses_bf16_only_where_it_multiplies_bf16(demo_data, tmp_path, monkeypatch, native, capsys):
+    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    trains_in = "bfloat16" if native else "float32"
+    assert runtime.autocast_context(cpu, "auto", training=True)[1] == trains_in
+    assert runtime.autocast_context(cpu, "auto")[1] == "float32"  # sampling and --eval_only: exact figures
+    assert runtime.autocast_context(cpu, "float32", training=True)[1] == "float32"  # a flag wins
+    dtypes = []
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: dtypes.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32) or forward(self, *a, **k))
+    train_tiny(demo_data[0], tmp_path, max_iters=2, eval_interval=2)
+    assert f"on cpu in {trains_in}" in capsys.readouterr().out
+    assert set(dtypes) == {getattr(torch, trains_in)}
+
+
 # =============================================================================
 # train.py: schedule, batches, optimizers; a resumed run equals a straight one, whatever stopped it; DDP ranks
 # agree; what one machine picks never becomes the run's setting
@@ -2385,6 +2436,21 @@ def test_bench_train_runs_the_gpu_branches_on_a_cpu(capsys):
     [(batch, rate, mfu, memory)] = results["sweep"]
     assert mfu == pytest.approx(training_flops_per_token(GPT(GPTConfig(**TINY_MODEL))) * rate / 1e9)
     assert re.search(rf"batch 4 x 16: {rate:,.0f} tokens/s, MFU {100 * mfu:.1f}% of 0.001 TFLOP/s", out)
+
+
+@slow
+@needs_cpp
+def test_bench_train_on_a_cpu_with_bf16_shows_the_float32_step_beside_it(capsys, monkeypatch):
+    import bench
+
+    monkeypatch.setattr(runtime, "cpu_multiplies_bf16", lambda: True)
+    with deterministic():
+        results = bench.bench_train(torch.device("cpu"), GPTConfig(**TINY_MODEL), batch_size=4, steps=1)
+    out = capsys.readouterr().out
+    assert "random tokens, in bfloat16, on" in out
+    assert {"train.py's step (fused loss, --optimizer=muon)", "train.py's step in float32 (fused loss, --optimizer=muon)",
+            "train.py's step with the plain loss (--optimizer=muon)"} < set(results["rates"])
+    assert all(f"| {name} | {rate:,.0f} |" in out for name, rate in results["rates"].items())
 
 
 @slow

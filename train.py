@@ -59,7 +59,7 @@ def train(cfg, chosen=()):
         checkpoint.check_vocab(ckpt, ckpt_path, meta, cfg["data_dir"])
         model = GPT.from_checkpoint(ckpt)
     model.to(device)
-    ctx, dtype = runtime.autocast_context(device, cfg["dtype"])
+    ctx, dtype = runtime.autocast_context(device, cfg["dtype"], training=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
     compiling = runtime.use_compiler(cfg, device, chosen, master)
     # on a CPU an eager step computes its loss without forming the logits (model.py, fused_loss.py)
