@@ -158,11 +158,12 @@ def flops_per_token(model):
     return 6 * (sum(p.numel() for p in model.parameters()) - looked_up) + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def cpu_note(model, cfg, eval_iters, chosen, tokens_per_step):
-    """What the run will cost on this CPU: the model's FLOPs at the rate of a head-shaped matmul, timed now."""
+def cpu_note(model, cfg, eval_iters, chosen, tokens_per_step, dtype):
+    """What the run will cost on this CPU: the model's FLOPs at the rate of a head-shaped matmul in the run's dtype,
+    timed now."""
     g = torch.Generator().manual_seed(0)  # not torch's own RNG: that one is the run's (dropout)
-    a = torch.randn(256, model.config.n_embd, generator=g)
-    b = torch.randn(model.config.n_embd, model.config.padded_vocab_size, generator=g)
+    a = torch.randn(256, model.config.n_embd, generator=g).to(getattr(torch, dtype))
+    b = torch.randn(model.config.n_embd, model.config.padded_vocab_size, generator=g).to(getattr(torch, dtype))
     a @ b  # warm-up
     start = time.perf_counter()
     for _ in range(2):

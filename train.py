@@ -83,7 +83,7 @@ def train(cfg, chosen=()):
         print(f"tokens per step: {tokens_per_step:,} = {grad_accum} accumulation x {world} processes x "
               f"{cfg['batch_size']} batch x {cfg['block_size']} tokens; on {device} in {dtype}")
         if device.type == "cpu":
-            print(runtime.cpu_note(model, cfg, eval_iters, chosen, tokens_per_step))
+            print(runtime.cpu_note(model, cfg, eval_iters, chosen, tokens_per_step, dtype))
         if start_step:
             print(f"resuming from {ckpt_path} at step {start_step}")
     os.makedirs(cfg["out_dir"], exist_ok=True)
