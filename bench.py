@@ -253,7 +253,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
 
     device = device or default_device()
     model_config = model_config or GPTConfig()
-    ctx, dtype = runtime.autocast_context(device, dtype, training=True)
+    dtype = runtime.autocast_context(device, dtype, training=True)[1]  # what auto means here
     peak_flops = peak_flops or runtime.peak_flops(device)
     steps = steps or (3 if device.type == "cpu" else 30)
     T = model_config.block_size
@@ -263,16 +263,17 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
     print(f"train: {model_config.n_layer} layers, {model_config.n_embd} wide, a {model_config.vocab_size:,}-token "
           f"vocabulary, random tokens, in {dtype}, on {device_name(device)}")
 
-    def make(project, compiled, fused, ctx=ctx):
+    def make(project, compiled, fused, step_dtype=dtype):
         torch.manual_seed(0)
         model = GPT(model_config).to(device)
         model.fused_loss = fused
         if project:
-            optimizers = train.make_optimizers(model, cfg, device)
+            optimizers = train.make_optimizers(model, cfg, device, step_dtype)
         else:  # nanoGPT's loop: the default (foreach) AdamW, the loss over the full logits
             optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
         step_model = torch.compile(model, dynamic=False) if compiled else model
-        return dict(model=model, step_model=step_model, optimizers=optimizers, ctx=ctx,
+        return dict(model=model, step_model=step_model, optimizers=optimizers,
+                    ctx=runtime.autocast_context(device, step_dtype)[0],
                     scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"))
 
     def rate(runner, batch, n):
@@ -295,7 +296,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
     if compile is None and not by_default:  # a CPU: what bf16 and the fused loss gain, and what compiling gives
         if dtype != "float32":  # auto chose bf16 on this CPU (runtime.cpu_multiplies_bf16)
             runners[f"train.py's step in float32 (fused loss, --optimizer={optimizer})"] = make(True, False, True,
-                                                                                                  contextlib.nullcontext())
+                                                                                                  "float32")
         runners[f"train.py's step with the plain loss (--optimizer={optimizer})"] = make(True, False, False)
         runners[f"train.py --compile=True (torch.compile, plain loss, --optimizer={optimizer})"] = make(True, True, False)
     compile_seconds = None

@@ -8,9 +8,10 @@ import torch
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, split=1):
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0, split=1, ns_dtype=torch.float32):
         # split: a group's weights each hold that many matrices stacked by rows, each orthogonalized on its own
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, split=split))
+        self.ns_dtype = ns_dtype  # the Newton-Schulz iteration's precision: bf16 is enough for it (modded-nanogpt)
 
     @torch.no_grad()
     def step(self):
@@ -24,6 +25,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"])  # Nesterov: the momentum one step ahead
+                update = update.to(self.ns_dtype)
                 if group["split"] > 1:
                     update = orthogonalize(update.view(group["split"], -1, p.size(1))).view_as(p)
                 else:  # a tall matrix's orthogonal update has smaller entries: scale it back up

@@ -660,9 +660,13 @@ def test_training_on_a_cpu_uses_bf16_only_where_it_multiplies_bf16(demo_data, tm
     forward = GPT.forward
     monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: dtypes.append(
         torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32) or forward(self, *a, **k))
+    made = []
+    make = train_script.make_optimizers
+    monkeypatch.setattr(train_script, "make_optimizers", lambda *a: made.append(make(*a)) or made[-1])
     train_tiny(demo_data[0], tmp_path, max_iters=2, eval_interval=2)
     assert f"on cpu in {trains_in}" in capsys.readouterr().out
     assert set(dtypes) == {getattr(torch, trains_in)}
+    assert made[0][1].ns_dtype == getattr(torch, trains_in)  # Muon's Newton-Schulz in the step's precision
 
 
 # =============================================================================
@@ -684,6 +688,27 @@ def test_lr_schedule():
     # min_lr above learning_rate: the cosine rises to it (the tutorial's schedule does that)
     rising = [train_script.get_lr(s, {**cfg, "min_lr": 5e-3}) for s in range(warmup, 1001)]
     assert all(a <= b for a, b in zip(rising, rising[1:])) and rising[-1] == 5e-3
+
+
+def test_muon_orthogonalizes_in_bf16_when_the_step_runs_in_bf16():
+    model = GPT(GPTConfig(**TINY_MODEL, vocab_size=300))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    updates = {}
+    for dtype in ("float32", "bfloat16"):
+        muon = train_script.make_optimizers(model, config.TRAINING, torch.device("cpu"), dtype)[1]
+        assert muon.ns_dtype == getattr(torch, dtype)
+        before = [p.clone() for group in muon.param_groups for p in group["params"]]
+        muon.step()
+        after = [p for group in muon.param_groups for p in group["params"]]
+        updates[dtype] = torch.cat([(a - b).flatten() for a, b in zip(after, before)])
+        with torch.no_grad():
+            for p, b in zip(after, before):
+                p.copy_(b)
+        assert all(p.dtype == torch.float32 for p in after)
+    # the same update within bf16's rounding, yet not the float32 one: the iteration did run in bf16
+    gap = ((updates["float32"] - updates["bfloat16"]).norm() / updates["float32"].norm()).item()
+    assert 1e-4 < gap < 0.05, gap
 
 
 def test_muon_momentum_warms_up_and_lrs_follow_the_schedule():
@@ -1581,8 +1606,8 @@ def recording_optimizers(grads, make=train_script.make_optimizers):
     """A stand-in for train.make_optimizers: the same optimizers; the first one's step() records the gradients
     (all of them, before any optimizer has changed a weight)."""
 
-    def make_recording(model, cfg, device):
-        optimizers = make(model, cfg, device)
+    def make_recording(model, cfg, device, dtype="float32"):
+        optimizers = make(model, cfg, device, dtype)
         step = optimizers[0].step
 
         def recording_step(*args, **kwargs):
