@@ -899,7 +899,7 @@ def test_gradient_accumulation_equals_a_bigger_batch(demo_data, tmp_path, monkey
     data_dir, _ = demo_data
     # plain SGD: Adam's first steps are about sign(gradient), which turns rounding noise in near-zero
     # gradients into whole learning-rate steps and would hide what this test is about
-    monkeypatch.setattr(train_script, "make_optimizers", lambda model, cfg, device: [torch.optim.SGD(
+    monkeypatch.setattr(train_script, "make_optimizers", lambda model, cfg, device, dtype: [torch.optim.SGD(
         model.parameters(), lr=cfg["learning_rate"])])
     one = train_tiny(data_dir, tmp_path / "a", batch_size=8, max_iters=3)
     two = train_tiny(data_dir, tmp_path / "b", batch_size=4, gradient_accumulation_steps=2, max_iters=3)
