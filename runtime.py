@@ -37,7 +37,7 @@ def cpu_multiplies_bf16():
 def autocast_context(device, dtype, training=False):
     """
     (context for forward passes, the dtype in effect). auto: bf16 autocast on CUDA, fp16 on GPUs without bf16;
-    float32 on a CPU, except for training on one that multiplies bf16 itself, where a preset's step is 1.4-1.5x
+    float32 on a CPU, except for training on one that multiplies bf16 itself, where a preset's step is 1.6-1.9x
     faster in bf16 (RESULTS.md). Sampling and --eval_only stay float32 there: their figures and greedy stories
     are the exact ones.
     """
