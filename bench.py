@@ -274,7 +274,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
         step_model = torch.compile(model, dynamic=False) if compiled else model
         return dict(model=model, step_model=step_model, optimizers=optimizers,
                     ctx=runtime.autocast_context(device, step_dtype)[0],
-                    scaler=torch.amp.GradScaler(device.type, enabled=dtype == "float16"))
+                    scaler=torch.amp.GradScaler(device.type, enabled=step_dtype == "float16"))
 
     def rate(runner, batch, n):
         """Tokens/s over n optimizer steps of train.py's train_step (batches, loss, backward, clip, step)."""

@@ -29,7 +29,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         dx, dw = (torch.empty_like(xl), torch.empty_like(w)) if with_grad else (None, None)  # dw sums in float32
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         buf = x.new_empty(rows, w.size(0), dtype=torch.float32)  # one chunk's logits, reused: no big allocations
-        products = buf if low == torch.float32 else buf.to(low)  # where the matmul writes them
+        products = buf if low == torch.float32 else x.new_empty(buf.shape, dtype=low)  # where the matmul writes them
         for i in range(0, n, CHUNK_ROWS):
             xc, tc = xl[i:i + CHUNK_ROWS], targets[i:i + CHUNK_ROWS]
             logits = buf[:len(tc)]

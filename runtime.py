@@ -162,8 +162,8 @@ def cpu_note(model, cfg, eval_iters, chosen, tokens_per_step, dtype):
     """What the run will cost on this CPU: the model's FLOPs at the rate of a head-shaped matmul in the run's dtype,
     timed now."""
     g = torch.Generator().manual_seed(0)  # not torch's own RNG: that one is the run's (dropout)
-    a = torch.randn(256, model.config.n_embd, generator=g).to(getattr(torch, dtype))
-    b = torch.randn(model.config.n_embd, model.config.padded_vocab_size, generator=g).to(getattr(torch, dtype))
+    a = torch.randn(256, model.config.n_embd, generator=g, dtype=getattr(torch, dtype))
+    b = torch.randn(model.config.n_embd, model.config.padded_vocab_size, generator=g, dtype=a.dtype)
     a @ b  # warm-up
     start = time.perf_counter()
     for _ in range(2):
