@@ -11,7 +11,8 @@ same run, because a shared machine's speed drifts.
                                               # minutes); --out keeps each row's run (log.jsonl, loss.png)
     python bench.py sizes --data=PATH [--out=DIR]   # model sizes at one compute: probes and bits/byte, model_sizes.png
     python bench.py probes --checkpoint=PATH[,PATH] [--data=PATH]   # coherence probes per kind (probes.py), beside
-                                              # chance, the model untrained and (with --data) trigram counts
+                                              # chance, the model untrained and (with --data) trigram counts, and
+                                              # whether each model copies from its context
     python bench.py llama --checkpoint=PATH [--data=PATH]   # the GGUF export in llama.cpp: logits, greedy, tokens/s
     python bench.py gpu [--data=DIR] [--out=DIR]   # every GPU figure in one run; on a CPU, a tiny model in seconds
 
@@ -1027,7 +1028,8 @@ def probe_scores(checkpoint_path, device=None):
 
 def bench_probes(checkpoints, data=None):
     """Each checkpoint on the dev and the held-out probes, per kind, beside chance, the same model untrained and
-    (with --data, text prepared in the checkpoint's vocabulary) the Kneser-Ney trigram counts."""
+    (with --data, text prepared in the checkpoint's vocabulary) the Kneser-Ney trigram counts; then each model's
+    copy check (probes.copy_check). Returns ({column: accuracies}, {model: (nats read once, read again)})."""
     import torch
 
     import checkpoint
@@ -1051,15 +1053,15 @@ def bench_probes(checkpoints, data=None):
             train_ids = np.fromfile(os.path.join(tmp, "train.bin"), dtype="<u2").astype(np.int64)
         if meta["vocab"] == first["vocab"]:
             trigram = trigram_logprob(train_ids, enc, meta["vocab_size"])
-    scores = {path: probe_scores(path, device) for path in checkpoints}
+    models = {path: GPT.from_checkpoint(checkpoint.load(path)).to(device) for path in checkpoints}
     columns = {}
     for split in ("dev", "held-out"):
         items = probes.make_items(split)
         columns[f"untrained, {split}"] = probes.accuracy(items, probes.model_logprob(untrained, enc, device))
         if trigram is not None:
             columns[f"trigram counts, {split}"] = probes.accuracy(items, trigram)
-        for path in checkpoints:
-            columns[f"{path}, {split}"] = scores[path][split]
+        for path, model in models.items():
+            columns[f"{path}, {split}"] = probes.accuracy(items, probes.model_logprob(model, enc, device))
     print(f"probes: {len(probes.make_items('dev'))} items in each set, two candidates each (chance 50%); machine: "
           f"{machine()}")
     print("| kind | what | " + " | ".join(columns) + " |")
@@ -1067,7 +1069,14 @@ def bench_probes(checkpoints, data=None):
     for kind, (what, _) in probes.KINDS.items():
         print(f"| {kind} | {what} | " + " | ".join(f"{100 * c[kind]:.0f}%" for c in columns.values()) + " |")
     print("| all | | " + " | ".join(f"**{100 * c['all']:.1f}%**" for c in columns.values()) + " |")
-    return columns
+    copying = {name: probes.copy_check(model, enc, device)
+               for name, model in {"untrained": untrained, **models}.items()}
+    print("\ncopy check: nats/token on each held-out prefix (up to half the context) read once, then read again right "
+          "after; a model that copies from its context reads it again almost free")
+    print("| model | read once | read again |\n|---|---|---|")
+    for name, (once, again) in copying.items():
+        print(f"| {name} | {once:.2f} | {again:.2f} |")
+    return columns, copying
 
 
 # -----------------------------------------------------------------------------

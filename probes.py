@@ -217,3 +217,25 @@ def model_logprob(model, enc, device, batch_size=64):
                 out.append(logp[j, positions, targets].sum().item())
         return out
     return logprob
+
+
+def copy_check(model, enc, device, split="held-out"):
+    """(nats per token on a passage read once, on the same passage read again right after it), over the set's
+    prefixes, each cut to half the context. A model that looks a token up in its context and copies what followed
+    it (an induction head) reads the passage the second time almost free; one that cannot reads it no better than
+    the first time. Keeping track of who has what needs that look-up."""
+    import torch
+    import torch.nn.functional as F
+
+    half_context = model.config.block_size // 2
+    passages = dict.fromkeys(tuple(enc.encode_ordinary(p)[:half_context]) for _, p, _, _ in make_items(split))
+    first, again = [], []
+    model.eval()
+    with torch.no_grad():
+        for ids in map(list, passages):
+            x = torch.tensor([[enc.eot_token] + ids + ids], device=device)
+            logits, _ = model(x[:, :-1])
+            nats = F.cross_entropy(logits[0, :, :model.config.vocab_size].float(), x[0, 1:], reduction="none")
+            first.append(nats[:len(ids)].mean().item())
+            again.append(nats[len(ids):].mean().item())
+    return sum(first) / len(first), sum(again) / len(again)

@@ -2337,17 +2337,51 @@ def test_bench_probes_puts_each_checkpoint_beside_its_baselines(trained, demo_da
 
     out_dir, model = trained
     path = str(out_dir / "ckpt.pt")
-    columns = bench.bench_probes([path], data=sources.DEMO_CORPUS)
-    logprob = probes.model_logprob(model, get_tokenizer(demo_data[1]["vocab"]), torch.device("cpu"))
+    columns, copying = bench.bench_probes([path], data=sources.DEMO_CORPUS)
+    enc = get_tokenizer(demo_data[1]["vocab"])
+    logprob = probes.model_logprob(model, enc, torch.device("cpu"))
     for split in ("dev", "held-out"):
         # the checkpoint's column is the trained model's own score; the baselines stand beside it
         assert columns[f"{path}, {split}"] == probes.accuracy(probes.make_items(split), logprob)
         assert {f"untrained, {split}", f"trigram counts, {split}"} <= set(columns)
     assert len(columns) == 6
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [line.split(" | ")[0][2:] for line in table] == ["kind", *probes.KINDS, "all"]
+    assert [line.split(" | ")[0][2:] for line in table] == ["kind", *probes.KINDS, "all", "model", "untrained", path]
     for c in columns.values():  # 100 items a kind: the total is the mean of the kinds
         assert c["all"] == pytest.approx(sum(c[k] for k in probes.KINDS) / len(probes.KINDS))
+    assert list(copying) == ["untrained", path]
+    assert copying[path] == pytest.approx(probes.copy_check(model, enc, torch.device("cpu")))
+
+
+class Copier(torch.nn.Module):
+    """A model built to copy: at each position it predicts the token that followed the latest earlier occurrence
+    of the token there, and has no preference where the token has not occurred before."""
+
+    def __init__(self, vocab_size, block_size):
+        super().__init__()
+        self.config = GPTConfig(vocab_size=vocab_size, block_size=block_size)
+
+    def forward(self, x):
+        T = x.size(1)
+        earlier = (x[:, :, None] == x[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril(-1)  # [b, t, j]: j < t
+        latest = (earlier * torch.arange(1, T + 1)).argmax(-1)  # the latest such j (0 where there is none)
+        followed_by = x.gather(1, (latest + 1).clamp(max=T - 1))
+        logits = torch.zeros(*x.shape, self.config.vocab_size)
+        logits.scatter_(2, followed_by[..., None], 10.0)
+        return logits * earlier.any(-1, keepdim=True), None
+
+
+def test_the_copy_check_tells_a_model_that_copies_from_one_that_cannot(demo_data):
+    import probes
+
+    enc = get_tokenizer(demo_data[1]["vocab"])
+    V = demo_data[1]["vocab_size"]
+    once, again = probes.copy_check(Copier(V, 128), enc, torch.device("cpu"))
+    assert again < once / 2, (once, again)  # it errs where a token occurs twice in the passage
+    torch.manual_seed(0)
+    untrained = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128, vocab_size=V))
+    once, again = probes.copy_check(untrained, enc, torch.device("cpu"))
+    assert abs(once - again) < 0.02 * once and once > 0.9 * math.log(V), (once, again)
 
 
 # =============================================================================
