@@ -14,6 +14,8 @@ half it is not, so copying the last one mentioned scores half too. Chance is 50%
 The items are made from the templates below with names, things and places drawn from lists. The dev set (used to
 choose the presets) and the held-out set draw from disjoint halves of every list. None of it is training data: the
 models train on TinyStories text only.
+
+After the items, a copy check (copy_check): whether a model can look a token up in its context at all.
 """
 import random
 import string
@@ -223,7 +225,7 @@ def copy_check(model, enc, device, split="held-out"):
     """(nats per token on a passage read once, on the same passage read again right after it), over the set's
     prefixes, each cut to half the context. A model that looks a token up in its context and copies what followed
     it (an induction head) reads the passage the second time almost free; one that cannot reads it no better than
-    the first time. Keeping track of who has what needs that look-up."""
+    the first time. Keeping track of who has what needs at least that look-up."""
     import torch
     import torch.nn.functional as F
 
