@@ -206,6 +206,8 @@ def errors_as_one_line(cfg):
     """What a user can cause, or a machine, ends in one line and a non-zero exit status, never a traceback."""
     try:
         yield
+        if dist.is_initialized():  # gloo aborts a process whose peer hangs up while it still talks: leave together
+            dist.barrier()
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk while saving: the previous checkpoint is still in place
