@@ -14,6 +14,8 @@ same run, because a shared machine's speed drifts.
                                               # chance, the model untrained and (with --data) trigram counts, and
                                               # whether each model copies from its context
     python bench.py llama --checkpoint=PATH [--data=PATH]   # the GGUF export in llama.cpp: logits, greedy, tokens/s
+    python bench.py hour --data=PATH --out=DIR [--rows=a,b]   # models given one hour of a CPU, scored at every
+                                              # checkpoint (bits/byte, probes, copy check, stories): cpu_hour.png
     python bench.py gpu [--data=DIR] [--out=DIR]   # every GPU figure in one run; on a CPU, a tiny model in seconds
 
 --data is TinyStories text: a folder of .txt(.gz) files named *train* and *valid* (as prepare.py reads them), or
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -1080,6 +1083,143 @@ def bench_probes(checkpoints, data=None):
 
 
 # -----------------------------------------------------------------------------
+# hour: models given the same hour of a CPU, each scored at every evaluation (issue 38's curves)
+
+
+# name -> (what, train.py flags). Steps are sized so that each row takes about an hour of one core's time (its
+# process's CPU time, which a busy machine does not inflate as it does wall time) on an AMD EPYC Zen 4 with
+# AVX512-BF16, at one thread, with six evaluations: a checkpoint every ~10 minutes.
+TWELVE_M = ["--n_layer=6", "--n_head=6", "--n_embd=384", "--block_size=128", "--value_embed=True",
+            "--learning_rate=0.02", "--min_lr=0.0", "--muon_weight_decay=0.1", "--compile=False"]
+HOUR_ROWS = {
+    "hour-12m": ("the default shape (6 x 384, context 128) with value embeddings, cpu_long's LR to zero and Muon decay",
+                 [*TWELVE_M, "--batch_size=16", "--max_iters=1800", "--eval_interval=300"]),
+    "hour-long": ("--preset=cpu_long's shape and recipe, for the hour", ["--preset=cpu_long", "--max_iters=7200",
+                                                                        "--eval_interval=1200"]),
+}
+
+
+def read_log(path):
+    """The rows of a log.jsonl."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def kept_steps(out):
+    """The steps of the ckpt_<step>.pt checkpoints that --keep_checkpoints=True left in out, in order."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return sorted(int(n[5:-3]) for n in names if re.fullmatch(r"ckpt_\d+\.pt", n))
+
+
+def score_checkpoint(path, stories=2, story_tokens=120):
+    """What issue 38 scores at each checkpoint: bits/byte on the whole validation split, both probe sets per kind,
+    the copy check, and a few stories (sample.py's settings, fixed seeds)."""
+    import torch
+
+    import checkpoint
+    import probes
+    from model import GPT
+    from sample import short_story
+    from tokenizer import get_tokenizer
+
+    out, name = os.path.split(path)
+    bpb, nats = scores(run_script("train.py", f"--out_dir={out}", f"--checkpoint={name}", "--init_from=resume",
+                                  "--eval_only=True", "--device=cpu"))
+    ckpt = checkpoint.load(path)
+    device = torch.device("cpu")
+    model, enc = GPT.from_checkpoint(ckpt).to(device), get_tokenizer(ckpt["vocab"])
+    logprob = probes.model_logprob(model, enc, device)
+    scored = dict(bits_per_byte=bpb, nats=nats, step=ckpt["step"])
+    scored["probes"] = {split: probes.accuracy(probes.make_items(split), logprob) for split in PROBE_SETS}
+    scored["copy"] = probes.copy_check(model, enc, device)
+    scored["stories"] = [short_story(model, enc, story_tokens, seed, contextlib.nullcontext())
+                         for seed in range(stories)]
+    return scored
+
+
+def bench_hour(data, rows, out, plot="cpu_hour.png"):
+    """Each row trained for its hour (or found finished in out/<row>), every evaluation's checkpoint scored; a table
+    per row, the probes per kind of each row's last checkpoint, and a plot of bits/byte and the held-out probes
+    against minutes and tokens. Scores are kept in out/<row>/scores.json."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import prepare
+    import probes
+
+    data_dir = os.path.join(out, "data_4096")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        prepare.prepare(dict(dataset=data, data_dir=data_dir, val_fraction=0.05, force=False, vocab_size=4096))
+    print(f"hour: trained on the train files of {data}, scored on every token of its validation file, on both "
+          f"probe sets and the copy check; machine: {machine()}, {os.environ.get('OMP_NUM_THREADS', 'all')} threads")
+    curves = {}
+    for name in rows:
+        what, flags = HOUR_ROWS[name]
+        row_dir = os.path.join(out, name)
+        if not os.path.exists(os.path.join(row_dir, "done")):  # a finished row is kept as it is
+            with open(os.path.join(row_dir + ".out"), "w") as stdout:  # the bar goes to the terminal, on stderr
+                run = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *flags, f"--data_dir={data_dir}",
+                                      f"--out_dir={row_dir}", "--init_from=scratch", "--keep_checkpoints=True"],
+                                     stdout=stdout)
+            if run.returncode:
+                sys.exit(f"error: bench.py hour's row {name} failed (exit status {run.returncode}): see {row_dir}.out")
+            open(os.path.join(row_dir, "done"), "w").close()
+        scores_path = os.path.join(row_dir, "scores.json")
+        scored = json.load(open(scores_path)) if os.path.exists(scores_path) else {}
+        logged = {r["step"]: r for r in read_log(os.path.join(row_dir, "log.jsonl")) if "val_loss" in r}
+        for step in kept_steps(row_dir):
+            if str(step) not in scored:
+                scored[str(step)] = score_checkpoint(os.path.join(row_dir, f"ckpt_{step}.pt"))
+                write_json(scores_path, scored)
+        tokens_per_step = logged[max(logged)]["tokens"] // max(max(logged), 1)
+        print(f"\n{name}: {what}")
+        print("| step | core-minutes | wall minutes | tokens | bits/byte | probes held-out | probes dev | copy: read "
+              "once | read again |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        curve = curves[name] = []
+        for step in sorted(map(int, scored)):
+            s = scored[str(step)]
+            # a core's minutes: the process's CPU time at one thread, which other work on the machine does not inflate
+            minutes, wall, tokens = logged[step]["cpu"] / 60, logged[step]["elapsed"] / 60, step * tokens_per_step
+            curve.append((minutes, tokens, s["bits_per_byte"], s["probes"]["held-out"]["all"]))
+            print(f"| {step} | {minutes:.1f} | {wall:.1f} | {tokens / 1e6:.2f}M | {s['bits_per_byte']:.3f} | "
+                  f"{100 * s['probes']['held-out']['all']:.1f}% | {100 * s['probes']['dev']['all']:.1f}% | "
+                  f"{s['copy'][0]:.2f} | {s['copy'][1]:.2f} |")
+        print(f"its last checkpoint writes: {s['stories'][0]!r}")
+    last = {name: json.load(open(os.path.join(out, name, "scores.json"))) for name in rows}
+    last = {name: s[max(s, key=int)] for name, s in last.items()}
+    print("\nprobes per kind at each row's last checkpoint (held-out / dev)")
+    print("| kind | " + " | ".join(rows) + " |\n|---|" + "---|" * len(rows))
+    for kind in [*probes.KINDS, "all"]:
+        print(f"| {kind} | " + " | ".join(f"{100 * s['probes']['held-out'][kind]:.0f} / "
+                                         f"{100 * s['probes']['dev'][kind]:.0f}%" for s in last.values()) + " |")
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for name, curve in curves.items():
+        minutes, tokens, bpb, held_out = zip(*curve)
+        for col, x in enumerate((minutes, [t / 1e6 for t in tokens])):
+            axes[0][col].plot(x, bpb, marker="o", label=name)
+            axes[1][col].plot(x, [100 * p for p in held_out], marker="o", label=name)
+    for col, xlabel in enumerate(("minutes of one core (CPU time)", "tokens seen (millions)")):
+        axes[0][col].set(xlabel=xlabel, ylabel="bits/byte, validation")
+        axes[1][col].set(xlabel=xlabel, ylabel="held-out probes right (%)")
+        axes[1][col].axhline(50, color="gray", linestyle=":", label="chance")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle("the same hour of one CPU core, each model scored at every checkpoint")
+    fig.tight_layout()
+    fig.savefig(plot, dpi=100)
+    print(f"wrote {plot}")
+    return curves
+
+
+def write_json(path, value):
+    from files import write_atomically
+    write_atomically(path, lambda f: json.dump(value, f, indent=1), mode="w")
+
+
+# -----------------------------------------------------------------------------
 # llama: the exported GGUF file in llama.cpp beside the project, on the same checkpoint and machine
 
 
@@ -1243,18 +1383,22 @@ def main(argv):
     unknown = set(options) - {"data", "rows", "nanogpt", "out", "checkpoint"}
     if unknown or any(a.startswith("--") and "=" not in a for a in argv):
         sys.exit(f"error: bench.py takes --data=, --rows=, --nanogpt= and --out=, not {', '.join(sorted(unknown)) or argv}")
-    rows = options.get("rows", ",".join(DEFAULT_ROWS)).split(",")
-    rows = list(QUALITY_ROWS) if rows == ["all"] else rows
-    if set(rows) - set(QUALITY_ROWS):
-        sys.exit(f"error: unknown --rows={','.join(sorted(set(rows) - set(QUALITY_ROWS)))}: choose from "
-                 f"{', '.join(QUALITY_ROWS)} or all")
+    table = HOUR_ROWS if "hour" in argv else QUALITY_ROWS  # the rows --rows picks from
+    rows = options.get("rows", ",".join(HOUR_ROWS if "hour" in argv else DEFAULT_ROWS)).split(",")
+    rows = list(table) if rows == ["all"] else rows
+    if set(rows) - set(table):
+        sys.exit(f"error: unknown --rows={','.join(sorted(set(rows) - set(table)))}: choose from "
+                 f"{', '.join(table)} or all")
     for section in sections:
-        if section not in ("vocab", "prepare", "train", "sample", "quality", "sizes", "probes", "llama", "gpu"):
+        if section not in ("vocab", "prepare", "train", "sample", "quality", "sizes", "probes", "llama", "gpu",
+                           "hour"):
             sys.exit(f"error: unknown section {section!r}: choose vocab, prepare, train, sample, quality, sizes, "
-                     f"probes, llama or gpu")
+                     f"probes, llama, gpu or hour")
         if section in ("probes", "llama") and "checkpoint" not in options:
             sys.exit(f"error: bench.py {section} needs --checkpoint=PATH: a checkpoint train.py wrote")
-        if section in ("vocab", "prepare", "quality", "sizes") and "data" not in options:
+        if section == "hour" and "out" not in options:
+            sys.exit("error: bench.py hour needs --out=DIR: where each row's run and checkpoints are kept")
+        if section in ("vocab", "prepare", "quality", "sizes", "hour") and "data" not in options:
             sys.exit(f"error: bench.py {section} needs --data=PATH: a folder of TinyStories .txt(.gz) files named "
                      f"*train* and *valid* (README: your own data)")
     for section in sections:
@@ -1285,6 +1429,8 @@ def main(argv):
             bench_probes(options["checkpoint"].split(","), options.get("data"))
         elif section == "llama":
             bench_llama(options["checkpoint"], options.get("data"))
+        elif section == "hour":
+            bench_hour(options["data"], rows, options["out"])
         else:
             bench_gpu(options.get("out", "bench_gpu"), options.get("data"))
         print()

@@ -7,6 +7,7 @@ its settings and vocabulary, and for ckpt.pt what the run needs to go on: the op
 validation loss, and every process's RNG states. It is written whole or not at all (files.py).
 """
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,13 @@ def save(path, model, cfg, chosen, vocab, **extra):
     state = dict(version=VERSION, model=model.state_dict(), vocab=vocab,
                  config={**cfg, "vocab_size": model.config.vocab_size}, chosen=sorted(chosen), **extra)
     write_atomically(path, lambda f: torch.save(state, f))
+
+
+def keep_copy(path, step):
+    """A copy of the checkpoint at path, as ckpt_<step>.pt beside it (--keep_checkpoints=True: one for each
+    evaluation, which the next one's ckpt.pt replaces)."""
+    with open(path, "rb") as saved:
+        write_atomically(os.path.join(os.path.dirname(path), f"ckpt_{step}.pt"), lambda f: shutil.copyfileobj(saved, f))
 
 
 def load(path):

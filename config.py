@@ -63,6 +63,7 @@ TRAINING = dict(
     eval_iters=50,  # batches per split for each evaluation
     log_interval=10,  # steps between progress-bar updates (each costs a GPU sync)
     eval_sample=48,  # tokens of the story written at each evaluation, from "Once upon a time"; 0: none
+    keep_checkpoints=False,  # also keep each evaluation's checkpoint as ckpt_<step>.pt (bench.py hour scores them)
 )
 SAMPLING = dict(
     start="",  # prompt text, or FILE:path; empty starts a fresh story (from EOT)
@@ -149,6 +150,7 @@ rules = dict(
     eval_iters=(lambda v: v >= 1, "at least 1"),
     log_interval=(lambda v: v >= 1, "at least 1"),
     eval_sample=(lambda v: v >= 0, "a number of tokens >= 0 (0 writes none)"),
+    keep_checkpoints=ANY,
     start=ANY,
     num_samples=(lambda v: v >= 1, "at least 1"),
     max_new_tokens=(lambda v: v >= 1, "at least 1"),

@@ -16,7 +16,7 @@ class Log:
 
     def __init__(self, out_dir, start_step, tokens_per_step, enabled=True):
         self.path, self.tokens_per_step, self.enabled = os.path.join(out_dir, "log.jsonl"), tokens_per_step, enabled
-        self.resumed, self.file, self.start = {}, None, time.time()
+        self.resumed, self.file, self.start, self.cpu_start = {}, None, time.time(), time.process_time()
         if not enabled:
             return
         lines = []
@@ -32,7 +32,7 @@ class Log:
             if logged["step"] < start_step:
                 kept.append(line)
             elif logged["step"] == start_step:
-                self.resumed = {k: v for k, v in logged.items() if k not in ("step", "tokens", "elapsed")}
+                self.resumed = {k: v for k, v in logged.items() if k not in ("step", "tokens", "elapsed", "cpu")}
         if kept != lines or start_step == 0:
             write_atomically(self.path, lambda f: f.writelines(kept), mode="w")
         self.file = open(self.path, "a")
@@ -40,7 +40,9 @@ class Log:
     def row(self, step, values):
         """Append the row of `step`, if it has anything to say."""
         if values and self.enabled:
-            row = dict(step=step, tokens=step * self.tokens_per_step, **values, elapsed=time.time() - self.start)
+            # cpu: this process's CPU time, which a busy machine does not inflate as it does the wall time
+            row = dict(step=step, tokens=step * self.tokens_per_step, **values, elapsed=time.time() - self.start,
+                       cpu=time.process_time() - self.cpu_start)
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
 

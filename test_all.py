@@ -229,7 +229,7 @@ NONSENSE = dict(
     temperature=-0.5,
     top_k=0, top_p=0.0, preset="gpu", format="onnx", export_dir=" ",
 )
-ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed"}
+ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed", "keep_checkpoints"}
 BAD_COMBINATIONS = {  # the keys of each rule in config.combinations -> flags that break it
     ("n_embd", "n_head"): ["--n_head=5"],
     ("warmup_iters", "lr_decay_iters"): ["--warmup_iters=100", "--lr_decay_iters=50"],
@@ -983,7 +983,7 @@ def test_train_bad_inputs(demo_data, gpt2_data, tmp_path):
 def logged(out_dir):
     """log.jsonl's rows without their timings: a resumed run must log what a straight run logs."""
     with open(out_dir / "log.jsonl") as f:
-        return [{k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in f]
+        return [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "cpu")} for line in f]
 
 
 def log_steps(out_dir):
@@ -1117,7 +1117,8 @@ def test_a_cpu_run_says_what_it_will_cost_before_the_first_evaluation(demo_data,
 def same_rows_and_more(before, after):
     """log.jsonl's rows before a resumed run (bytes) are still there after it, but for their timings; the row of
     the step it resumed from (evaluated again) may have gained the loss of the step the longer run takes there."""
-    rows = lambda text: [{k: v for k, v in json.loads(line).items() if k != "elapsed"} for line in text.splitlines()]
+    rows = lambda text: [{k: v for k, v in json.loads(line).items() if k not in ("elapsed", "cpu")}
+                         for line in text.splitlines()]
     old, new = rows(before), rows(after)
     return new[:len(old) - 1] == old[:-1] and old[-1].items() <= new[len(old) - 1].items()
 
@@ -2352,6 +2353,47 @@ def test_bench_probes_puts_each_checkpoint_beside_its_baselines(trained, demo_da
         assert c["all"] == pytest.approx(sum(c[k] for k in probes.KINDS) / len(probes.KINDS))
     assert list(copying) == ["untrained", path]
     assert copying[path] == pytest.approx(probes.copy_check(model, enc, torch.device("cpu")))
+
+
+@slow
+def test_bench_hour_keeps_and_scores_every_evaluations_checkpoint(tmp_path, monkeypatch, capsys):
+    import bench
+    import evaluate
+    import probes
+
+    tiny = [f"--{k}={v}" for k, v in TINY_MODEL.items()]
+    flags = [*tiny, "--batch_size=4", "--max_iters=6", "--eval_interval=2", "--eval_iters=1", "--eval_sample=0",
+             "--device=cpu", "--compile=False", "--dtype=float32"]
+    monkeypatch.setitem(bench.HOUR_ROWS, "tiny", ("a tiny model", flags))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.chdir(tmp_path)  # the plot is written where bench.py runs
+    out = tmp_path / "hour"
+    curves = bench.bench_hour(sources.DEMO_CORPUS, ["tiny"], str(out))
+    row = out / "tiny"
+    # each evaluation's checkpoint is kept as it was then, though train.py replaced ckpt.pt after it
+    assert bench.kept_steps(row) == [0, 2, 4, 6]
+    for step in (0, 2, 4, 6):
+        assert torch.load(row / f"ckpt_{step}.pt", weights_only=True)["step"] == step
+    assert (torch.load(row / "ckpt_2.pt", weights_only=True)["model"]["wte.weight"]
+            != torch.load(row / "ckpt_4.pt", weights_only=True)["model"]["wte.weight"]).any()
+    cpu = [r["cpu"] for r in bench.read_log(row / "log.jsonl") if "val_loss" in r]
+    assert len(cpu) == 4 and cpu == sorted(cpu) and cpu[0] > 0
+    # the last checkpoint's scores are the final model's, scored on its own
+    scored = json.loads((row / "scores.json").read_text())["6"]
+    cfg = dict(config.config, out_dir=str(row), checkpoint="ckpt.pt", device="cpu", dtype="float32")
+    assert scored["bits_per_byte"] == pytest.approx(evaluate.evaluate(cfg)["bits_per_byte"], abs=1e-4)
+    model = GPT.from_checkpoint(torch.load(row / "ckpt.pt", weights_only=True))
+    enc = get_tokenizer(torch.load(row / "ckpt.pt", weights_only=True)["vocab"])
+    logprob = probes.model_logprob(model, enc, torch.device("cpu"))
+    assert scored["probes"]["held-out"] == probes.accuracy(probes.make_items("held-out"), logprob)
+    assert scored["copy"] == pytest.approx(probes.copy_check(model, enc, torch.device("cpu")))
+    assert [c[1] for c in curves["tiny"]] == [s * 4 * TINY_MODEL["block_size"] for s in (0, 2, 4, 6)]
+    assert (tmp_path / "cpu_hour.png").stat().st_size > 0
+    # run again: the finished row is neither trained nor scored anew
+    kept = {p.name: p.stat().st_mtime_ns for p in row.iterdir()}
+    bench.bench_hour(sources.DEMO_CORPUS, ["tiny"], str(out))
+    assert {p.name: p.stat().st_mtime_ns for p in row.iterdir()} == kept
+    assert "| 6 |" in capsys.readouterr().out
 
 
 class Copier(torch.nn.Module):

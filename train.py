@@ -133,6 +133,8 @@ def train(cfg, chosen=()):
                 if master:
                     checkpoint.save(ckpt_path, model, cfg, chosen, meta["vocab"], step=step, best_val_loss=best_val,
                                     optimizer=[o.state_dict() for o in optimizers], ranks=ranks)
+                    if cfg["keep_checkpoints"] and evaluating:
+                        checkpoint.keep_copy(ckpt_path, step)
             if signum or last_step:
                 log.row(step, row)
                 if signum:
