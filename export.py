@@ -7,11 +7,13 @@ GGUF file that llama.cpp (and the tools built on it) runs. Offline, both.
     python export.py --format=gguf --dtype=float16         # half the size
     python export.py --checkpoint=best.pt --export_dir=my-stories-model
 
-The model is GPT-2's architecture, so transformers' own GPT2LMHeadModel and llama.cpp's gpt2 run it unchanged. The
-transformers folder holds config.json, model.safetensors, generation_config.json and the tokenizer in GPT-2's
-format (vocab.json and merges.txt, restricted to the checkpoint's vocabulary and numbered as the model numbers it);
-the GGUF file holds the same weights and tokenizer. test_all.py checks that transformers and llama.cpp compute the
-same token ids, logits and greedy stories as this project.
+The model is GPT-2's architecture, so transformers' own GPT2LMHeadModel and llama.cpp's gpt2 run it unchanged; with
+value embeddings (as the CPU presets train) the transformers folder has a model type of its own and carries the few
+lines that add them (hf_value_embed.py, trust_remote_code=True), and llama.cpp cannot run it. The transformers
+folder holds config.json, model.safetensors, generation_config.json and the tokenizer in GPT-2's format (vocab.json
+and merges.txt, restricted to the checkpoint's vocabulary and numbered as the model numbers it); the GGUF file holds
+the same weights and tokenizer. test_all.py checks that transformers and llama.cpp compute the same token ids, logits
+and greedy stories as this project.
 """
 import errno
 import json
@@ -100,13 +102,15 @@ def gpt2_config(model, dtype, provenance):
     """config.json: transformers' GPT2Config fields for this model."""
     c = model.config
     eot = c.vocab_size - 1  # <|endoftext|> is the last id of every vocabulary
-    architecture = {"architectures": ["GPT2LMHeadModel"]}
-    if c.value_embed:  # transformers' GPT-2 and the code in hf_value_embed.py, which the folder carries
-        architecture = {"architectures": ["GPT2WithValueEmbeddings"],
-                        "auto_map": {"AutoModelForCausalLM": f"{REMOTE_CODE[:-3]}.GPT2WithValueEmbeddings"}}
+    architecture = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
+    if c.value_embed:  # transformers' GPT-2 and the code in hf_value_embed.py, which the folder carries: a model
+        # type of its own, which transformers refuses to load without trust_remote_code=True, never as plain GPT-2
+        code = REMOTE_CODE.removesuffix(".py")
+        architecture = {"architectures": ["GPT2WithValueEmbeddings"], "model_type": "gpt2_value_embed",
+                        "auto_map": {"AutoConfig": f"{code}.GPT2WithValueEmbeddingsConfig",
+                                     "AutoModelForCausalLM": f"{code}.GPT2WithValueEmbeddings"}}
     return {
         **architecture,
-        "model_type": "gpt2",
         "vocab_size": c.vocab_size,
         "n_positions": c.block_size,  # learned positions: the model cannot see further than block_size tokens
         "n_embd": c.n_embd,

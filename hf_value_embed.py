@@ -5,11 +5,19 @@ own GPT2LMHeadModel. export.py copies this file into the folder it writes, where
 
     AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
-loads it: transformers' own way to run an architecture it lacks. Nothing else in the project imports it.
+loads it: transformers' own way to run an architecture it lacks. The folder's model type is its own, not gpt2:
+without trust_remote_code=True transformers refuses it, where GPT-2 would load it with c_attn newly initialised and
+write nonsense. Nothing else in the project imports this file.
 """
 import torch
 from torch import nn
-from transformers import GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+class GPT2WithValueEmbeddingsConfig(GPT2Config):
+    """GPT-2's settings under a model type of its own. Loaded through config.json's auto_map, it also registers the
+    model with AutoModelForCausalLM, so pipeline("text-generation") knows it for a causal LM."""
+    model_type = "gpt2_value_embed"  # as export.py writes it into config.json
 
 
 class ValuesWithEmbedding(nn.Module):
@@ -28,6 +36,8 @@ class ValuesWithEmbedding(nn.Module):
 
 
 class GPT2WithValueEmbeddings(GPT2LMHeadModel):
+    config_class = GPT2WithValueEmbeddingsConfig
+
     def __init__(self, config):
         super().__init__(config)
         self.vte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -40,3 +50,4 @@ class GPT2WithValueEmbeddings(GPT2LMHeadModel):
         for block in self.transformer.h:
             block.attn.c_attn.ve = ve
         return super().forward(input_ids=input_ids, **kwargs)
+

@@ -2085,6 +2085,41 @@ def test_exported_tokenizer_gives_the_projects_ids(exported, hf, no_network, nam
         assert tokenizer_hf(stories)["input_ids"] == [[enc.eot_token] + enc.encode_ordinary(s) for s in stories]
 
 
+@slow
+def test_a_folder_that_needs_its_own_code_never_loads_as_plain_gpt2(exported, hf, no_network):
+    # plain GPT-2 loading a folder with value embeddings would leave its c_attn newly initialised, and write nonsense
+    for name in ("compact", "bias", "gpt2"):  # without value embeddings: GPT-2, for transformers and llama.cpp
+        assert json.loads((exported[name][3] / "config.json").read_text())["model_type"] == "gpt2"
+    folder = exported["ve"][3]
+    assert json.loads((folder / "config.json").read_text())["model_type"] != "gpt2"
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # transformers' own refusal
+        hf.AutoModelForCausalLM.from_pretrained(folder)
+
+
+def readme_block(language, containing):
+    """The first ```language block of README.md that contains the text `containing`."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = re.findall(rf"```{language}\n(.*?)```", f.read(), flags=re.S)
+    return next(b for b in blocks if containing in b)
+
+
+@slow
+def test_readmes_transformers_snippet_runs_as_written_on_a_preset_model(demo_data, tmp_path):
+    # the presets train value embeddings: README's snippet, word for word, on such a model's export in out/hf (a
+    # context of 64 tokens holds the snippet's prompt and the tokens it asks for)
+    train_tiny(demo_data[0], tmp_path / "out", value_embed=True, block_size=64, max_iters=2, eval_interval=2)
+    export_script.main([f"--out_dir={tmp_path / 'out'}"])
+    snippet = readme_block("python", "from transformers import")
+    env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    r = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env={**OFFLINE_ENV, **env}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("Once upon a time"), r.stderr[-2000:]
+    # transformers says nothing besides its progress bar: no load report of weights missing or unexpected (plain
+    # GPT-2 would leave c_attn newly initialised, and write nonsense), no "not supported for text-generation"
+    said = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert not said, r.stderr[-2000:]
+
+
 def test_the_exported_vocabulary_is_gpt2s_restricted(exported, trained):
     # without transformers: vocab.json numbers the kept tokens as the model does; merges.txt makes exactly them
     _, _, enc, folder = exported["compact"]
