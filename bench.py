@@ -890,7 +890,8 @@ def train_row(name, data_dir, meta, out):
         steps = budget * BUDGET_STEPS * flops_per_step(BUDGET_FLAGS, 50257) / flops_per_step(flags, meta["vocab_size"])
         flags = [*flags, f"--max_iters={round(steps)}"]
     start = time.time()
-    run_script("train.py", *flags, "--device=cpu", f"--data_dir={data_dir}", f"--out_dir={out}")
+    # a row starts over, also where --keep holds an earlier run of it
+    run_script("train.py", *flags, "--device=cpu", "--init_from=scratch", f"--data_dir={data_dir}", f"--out_dir={out}")
     seconds = time.time() - start
     bpb, nats = scores(run_script("train.py", f"--out_dir={out}", "--init_from=resume", "--eval_only=True"))
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)

@@ -50,6 +50,19 @@ def load(path):
     return ckpt
 
 
+def refuse_to_replace(path):
+    """A run that was not told --init_from stops where another run has saved: forgetting --init_from=resume must
+    not cost hours of training."""
+    if not os.path.exists(path):
+        return
+    try:
+        what = f"a run at step {load(path)['step']}"
+    except UserError:  # unreadable, or from another version: still not ours to replace
+        what = "a checkpoint"
+    raise UserError(f"{path} holds {what}: continue it with --init_from=resume, start over with --init_from=scratch "
+                    f"(replacing its ckpt.pt, best.pt and log.jsonl), or train into another --out_dir")
+
+
 def run_settings(cfg, chosen, ckpt, path):
     """
     The settings of the run and the keys the user chose (by flag or preset). A new run has cfg: the defaults, then

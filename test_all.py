@@ -1093,6 +1093,21 @@ def test_resuming_a_finished_run_changes_nothing_and_max_iters_extends_it(demo_d
     assert "loss" not in rows[12] and "val_loss" in rows[12]  # the last step evaluates and takes no step
 
 
+def test_a_run_not_told_init_from_never_replaces_the_run_in_out_dir(demo_data, tmp_path, capsys):
+    data_dir, _ = demo_data
+    args = [*TINY_ARGS, "--eval_interval=4", f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]
+    train_script.main([*args, "--max_iters=4"])
+    before = tree_state(tmp_path)
+    with pytest.raises(SystemExit) as e:  # the same command again, --init_from=resume forgotten
+        train_script.main([*args, "--max_iters=8"])
+    line = e.value.code
+    assert isinstance(line, str) and "\n" not in line and f"{tmp_path / 'ckpt.pt'} holds a run at step 4" in line, line
+    assert "--init_from=resume" in line and "--init_from=scratch" in line and "--out_dir" in line, line
+    assert tree_state(tmp_path) == before
+    train_script.main([*args, "--max_iters=2", "--init_from=scratch"])  # said explicitly: it starts over
+    assert log_steps(tmp_path) == [0, 2] and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
 def test_a_cpu_run_says_what_it_will_cost_before_the_first_evaluation(demo_data, tmp_path):
     data_dir, _ = demo_data
     # the default model and settings, as a newcomer runs them on a laptop
@@ -2666,6 +2681,7 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
     out = tmp_path / "out"  # a copy of the trained run, so a bug here cannot harm the other tests' checkpoint
     shutil.copytree(trained[0], out)
     tiny = [*TINY_ARGS, f"--out_dir={out}"]
+    fresh = [*TINY_ARGS, f"--out_dir={tmp_path / 'fresh'}"]  # a new run: no checkpoint in its out_dir
     (tmp_path / "stories.csv").write_text("text\nhello\n")
     (tmp_path / "x.jsonl").write_text('{"story": "Once upon a time"}\n')
     (tmp_path / "photos").mkdir()
@@ -2706,14 +2722,17 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
             ("prepare.py", [f"--dataset={sources.DEMO_CORPUS}", f"--data_dir={tmp_path / 'photos'}"],
              "refusing to overwrite it", 1)],
         "`python train.py` before prepare.py": [
-            ("train.py", tiny + [f"--data_dir={tmp_path / 'nowhere'}"], "run prepare.py first", 1)],
+            ("train.py", fresh + [f"--data_dir={tmp_path / 'nowhere'}"], "run prepare.py first", 1)],
         "`python train.py` on a data folder prepared before the compact vocabulary": [
-            ("train.py", tiny + [f"--data_dir={tmp_path / 'v1'}"], "was prepared by an older prepare.py (meta.json "
+            ("train.py", fresh + [f"--data_dir={tmp_path / 'v1'}"], "was prepared by an older prepare.py (meta.json "
                                                                     "version 1, this one reads 2): run prepare.py again", 1)],
         "`python train.py` on a truncated bin": [
-            ("train.py", tiny + [f"--data_dir={tmp_path / 'cut'}"], "a truncated or foreign file; run prepare.py again", 1)],
+            ("train.py", fresh + [f"--data_dir={tmp_path / 'cut'}"], "a truncated or foreign file; run prepare.py again", 1)],
         "`python train.py --block_size=100000`": [
-            ("train.py", tiny + [f"--data_dir={data_dir}", "--block_size=100000"], "not more than block_size=100000", 1)],
+            ("train.py", fresh + [f"--data_dir={data_dir}", "--block_size=100000"], "not more than block_size=100000", 1)],
+        "`python train.py` again, where `out/` holds a run, without `--init_from`": [
+            ("train.py", tiny + [f"--data_dir={data_dir}"], f"{out / 'ckpt.pt'} holds a run at step 30: continue it "
+             "with --init_from=resume, start over with --init_from=scratch", 1)],
         "`python train.py --init_from=resume --n_layer=3` on a 6-layer checkpoint": [
             ("train.py", tiny + [f"--data_dir={data_dir}", "--init_from=resume", "--n_layer=3"],
              "was trained with n_layer=2, not --n_layer=3: the model shape cannot change on resume", 1)],
@@ -2737,7 +2756,7 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
             for flag in ("--temperature=-1.0", "--top_p=0.0", "--top_p=1.5", "--top_k=0", "--num_samples=0")],
         "`python train.py --n_head=5` with the default `n_embd=384`, or another combination that cannot work": [
             ("train.py", ["--n_head=5"], "--n_embd=384, --n_head=5: n_embd must be a multiple of n_head", 2),
-            ("train.py", tiny + ["--warmup_iters=100", "--lr_decay_iters=50"], "lr_decay_iters must come after", 2)],
+            ("train.py", fresh + ["--warmup_iters=100", "--lr_decay_iters=50"], "lr_decay_iters must come after", 2)],
         "`python sample.py --start=FILE:missing.txt` / an empty / a non-UTF-8 file": [
             ("sample.py", [o, f"--start=FILE:{tmp_path / name}"], message, 1) for name, message in
             (("missing.txt", "cannot read the prompt file"), ("empty.txt", "is empty"), ("latin1.txt", "is not UTF-8 text"))],
