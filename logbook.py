@@ -10,40 +10,39 @@ from files import write_atomically
 
 
 class Log:
-    """log.jsonl of out_dir, continued from start_step. A resumed run first drops the rows from its own step on (a
+    """log.jsonl of out_dir, continued from start_step. A resumed run leaves out the rows from its own step on (a
     crash may leave some, and those steps are about to run again); the row of its own step is given back as
-    `resumed` (with the evaluation of a run that stopped there, say), to be completed and written anew."""
+    `resumed` (with the evaluation of a run that stopped there, say), to be completed and written anew. The file is
+    rewritten when the first row comes: a run stopped before that leaves it as it was."""
 
     def __init__(self, out_dir, start_step, tokens_per_step, enabled=True):
         self.path, self.tokens_per_step, self.enabled = os.path.join(out_dir, "log.jsonl"), tokens_per_step, enabled
-        self.resumed, self.file, self.start, self.cpu_start = {}, None, time.time(), time.process_time()
-        if not enabled:
+        self.resumed, self.kept, self.file, self.start, self.cpu_start = {}, [], None, time.time(), time.process_time()
+        if not (enabled and start_step > 0 and os.path.exists(self.path)):
             return
-        lines = []
-        if start_step > 0 and os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = f.readlines()
-        kept = []
-        for line in lines:
-            try:
-                logged = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            if logged["step"] < start_step:
-                kept.append(line)
-            elif logged["step"] == start_step:
-                self.resumed = {k: v for k, v in logged.items() if k not in ("step", "tokens", "elapsed", "cpu")}
-        if kept != lines or start_step == 0:
-            write_atomically(self.path, lambda f: f.writelines(kept), mode="w")
-        self.file = open(self.path, "a")
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    logged = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
+                if logged["step"] < start_step:
+                    self.kept.append(line)
+                elif logged["step"] == start_step:
+                    self.resumed = {k: v for k, v in logged.items() if k not in ("step", "tokens", "elapsed", "cpu")}
 
     def row(self, step, values):
         """Append the row of `step`, if it has anything to say."""
-        if values and self.enabled:
-            # cpu: this process's CPU time, which a busy machine does not inflate as it does the wall time
-            row = dict(step=step, tokens=step * self.tokens_per_step, **values, elapsed=time.time() - self.start,
-                       cpu=time.process_time() - self.cpu_start)
-            self.file.write(json.dumps(row) + "\n")
+        if not (values and self.enabled):
+            return
+        # cpu: this process's CPU time, which a busy machine does not inflate as it does the wall time
+        line = json.dumps(dict(step=step, tokens=step * self.tokens_per_step, **values,
+                               elapsed=time.time() - self.start, cpu=time.process_time() - self.cpu_start)) + "\n"
+        if self.file is None:  # the first row: the rows kept and it, written whole; the next ones appended
+            write_atomically(self.path, lambda f: f.writelines([*self.kept, line]), mode="w")
+            self.file = open(self.path, "a")
+        else:
+            self.file.write(line)
             self.file.flush()
 
     def __enter__(self):

@@ -12,6 +12,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from config import UserError
 
@@ -69,29 +70,41 @@ def setup(cfg):
 
 class StopRequest:
     """
-    Within `with StopRequest(world, device, every) as stop:`, Ctrl-C or SIGTERM only sets a flag, and
-    stop.requested(step) says, at the start of a step, which signal came. Every process must stop at the same step:
+    Within `with StopRequest(world, device, every, path) as stop:`, Ctrl-C or SIGTERM only sets a flag, and says at
+    once what will happen; stop.requested(step) says which signal came. Every process must stop at the same step:
     one that went on to the next gradient all-reduce while another saves would wait for it until the timeout. So
     under DDP the processes agree, by an all-reduce that waits for the device: at every `every`-th step only. A
-    second signal aborts at once.
+    second signal quits at once, in one line, without saving: the files are as the last save left them.
     """
 
-    def __init__(self, world, device, every):
-        self.world, self.device, self.every, self.signal = world, device, every, None
+    def __init__(self, world, device, every, path):
+        self.world, self.device, self.every, self.path, self.signal = world, device, every, path, None
+        self.master = int(os.environ.get("RANK", 0)) == 0  # the process that prints
 
     def __enter__(self):
         self.signal = None
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if exc_type is KeyboardInterrupt and self.signal:  # raised by handle(): asked twice
+            if self.master:
+                saved = (f"{self.path} holds the last checkpoint saved; continue with --init_from=resume"
+                         if os.path.exists(self.path) else "nothing was saved")
+                print(f"quit at once (a second {signal.Signals(self.signal).name}) without saving: {saved}",
+                      file=sys.stderr)
+            sys.exit(128 + self.signal)
 
     def handle(self, signum, frame):
         if self.signal is not None:  # asked twice: stop right now, without saving
             raise KeyboardInterrupt
         self.signal = signum
+        if self.master:  # at once: an evaluation on a CPU can take a minute
+            when = "after this step's evaluation" if self.world == 1 else f"within {self.every} steps"
+            tqdm.write(f"{signal.Signals(signum).name}: the run will stop {when} and save {self.path}; a second "
+                       f"Ctrl-C quits without saving", file=sys.stderr)
 
     def requested(self, step):
         """The signal any process has received, or 0."""
@@ -103,10 +116,10 @@ class StopRequest:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
-    def exit(self, signum, step, path):
+    def exit(self, signum, step):
         """Say what was saved, as the last line, and end as the signal would have."""
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"stopped by {signal.Signals(signum).name} at step {step}: saved {path}; "
+        if self.master:
+            print(f"stopped by {signal.Signals(signum).name} at step {step}: saved {self.path}; "
                   f"continue with --init_from=resume", file=sys.stderr)
         sys.exit(128 + signum)  # the shell's convention for "ended by this signal"
 
@@ -212,6 +225,9 @@ def errors_as_one_line(cfg):
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk while saving: the previous checkpoint is still in place
         sys.exit(f"error: {e.strerror or e} ({e.filename}); files already in {cfg['out_dir']} are untouched")
+    except KeyboardInterrupt:  # Ctrl-C before the loop takes the signals over (StopRequest), or in --eval_only
+        print("stopped by Ctrl-C before training: nothing was saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (torch.OutOfMemoryError, MemoryError):
         sys.exit(f"error: batch_size={cfg['batch_size']} does not fit in memory: lower --batch_size and raise "
                  f"--gradient_accumulation_steps to keep the tokens per step")

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -1501,6 +1502,84 @@ def test_a_stop_between_loss_checks_never_saves_a_diverged_model(demo_data, tmp_
     assert ckpt["step"] == 0 and all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point())
 
 
+def paused_train(call, nth, *args):
+    """train.py, its stdout and stderr in one pipe, which at its nth call of train.<call> prints "paused in <call>"
+    and waits for a line on stdin: a moment a test can send it signals at, on any machine."""
+    code = (f"import sys\n"
+            f"sys.path.insert(0, {HERE!r})\n"
+            "import train\n"
+            f"calls, real = [0], train.{call}\n"
+            "def paused(*args, **kwargs):\n"
+            "    calls[0] += 1\n"
+            f"    if calls[0] == {nth}:\n"
+            f"        print('paused in {call}', flush=True)\n"
+            "        sys.stdin.readline()\n"
+            "    return real(*args, **kwargs)\n"
+            f"train.{call} = paused\n"
+            "train.main(sys.argv[1:])\n")
+    p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=HERE, env=OFFLINE_ENV, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(300, p.kill)  # a run that hangs fails its test, as subprocess.run's timeout does
+    watchdog.daemon = True
+    watchdog.start()
+    return p
+
+
+def read_until(process, text):
+    """The lines a process writes, up to the first that contains text."""
+    lines = []
+    while not lines or text not in lines[-1]:
+        lines.append(process.stdout.readline())
+        assert lines[-1], f"it ended without saying {text!r}: {''.join(lines)[-2000:]}"
+    return lines
+
+
+@slow
+def test_the_first_ctrl_c_says_at_once_that_the_run_stops_after_this_steps_evaluation(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    out = tmp_path / "out"
+    # paused in the evaluation at step 4 (the second), as a long one on a CPU would be when Ctrl-C comes
+    p = paused_train("estimate_loss", 2, *TINY_ARGS, f"--data_dir={data_dir}", f"--out_dir={out}",
+                     "--eval_interval=4", "--max_iters=100")
+    read_until(p, "paused in estimate_loss")
+    p.send_signal(signal.SIGINT)
+    said = read_until(p, "SIGINT")[-1]  # while the evaluation still waits: at once
+    assert "stop after this step's evaluation" in said and "a second Ctrl-C quits without saving" in said, said
+    p.stdin.write("\n")  # the evaluation goes on
+    p.stdin.flush()
+    rest = p.stdout.read()
+    assert p.wait() == 128 + signal.SIGINT and "Traceback" not in rest, rest[-2000:]
+    assert rest.strip().splitlines()[-1].startswith(f"stopped by SIGINT at step 4: saved {out / 'ckpt.pt'}"), rest
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4  # that step's, then no training
+
+
+@slow
+def test_a_second_ctrl_c_quits_in_one_line_and_leaves_the_files_as_they_were(demo_data, tmp_path):
+    data_dir, _ = demo_data
+    out = tmp_path / "out"
+    train_tiny(data_dir, out, max_iters=4, eval_interval=4, log_interval=1)
+    before = tree_state(out)
+    # resumed, and stopped twice within its first training step: before it has logged or saved anything
+    p = paused_train("train_step", 1, f"--out_dir={out}", "--init_from=resume", "--max_iters=100")
+    read_until(p, "paused in train_step")
+    p.send_signal(signal.SIGINT)
+    read_until(p, "a second Ctrl-C quits without saving")
+    p.send_signal(signal.SIGINT)
+    rest = p.stdout.read()
+    assert p.wait() == 128 + signal.SIGINT and "Traceback" not in rest, rest[-2000:]
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("quit at once (a second SIGINT) without saving") and str(out / "ckpt.pt") in last, rest
+    assert tree_state(out) == before  # ckpt.pt, best.pt and log.jsonl (all its rows) as they were
+    # Ctrl-C before the loop has taken the signals over: one line too
+    p = paused_train("load_bins", 1, f"--out_dir={out}", "--init_from=resume", "--max_iters=100")
+    read_until(p, "paused in load_bins")
+    p.send_signal(signal.SIGINT)
+    rest = p.stdout.read()
+    assert p.wait() == 128 + signal.SIGINT and rest.strip().splitlines()[-1] == "stopped by Ctrl-C before training: " \
+        "nothing was saved" and "Traceback" not in rest, rest[-2000:]
+    assert tree_state(out) == before
+
+
 def test_a_data_folder_from_before_the_compact_vocabulary_is_refused_before_any_work(demo_data, tmp_path):
     data_dir, _ = demo_data
     old = tmp_path / "old"
@@ -2791,7 +2870,9 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
         "a full disk while saving": test_full_disk_keeps_the_previous_files,
         "Ctrl-C / SIGTERM during training, to any DDP process": (
             test_a_stop_at_the_first_an_evaluation_or_the_last_step_resumes_to_the_same_run,  # SIGINT and SIGTERM
+            test_the_first_ctrl_c_says_at_once_that_the_run_stops_after_this_steps_evaluation,
             test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step),
+        "a second Ctrl-C": test_a_second_ctrl_c_quits_in_one_line_and_leaves_the_files_as_they_were,
         "a DDP process dies (killed, out of memory, machine lost)": test_a_ddp_rank_that_dies_ends_the_run,
         "`torchrun --nproc_per_node=4 train.py --init_from=resume` on a 2-process checkpoint":
             test_ddp_resume_is_exact_with_dropout_and_goes_on_with_another_process_count,

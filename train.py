@@ -90,7 +90,7 @@ def train(cfg, chosen=()):
             print(f"resuming from {ckpt_path} at step {start_step}")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log = Log(cfg["out_dir"], start_step, tokens_per_step, enabled=master)
-    stop = runtime.StopRequest(world, device, cfg["log_interval"])
+    stop = runtime.StopRequest(world, device, cfg["log_interval"], ckpt_path)
     bar = tqdm(total=cfg["max_iters"], initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
     v = meta["splits"]["validation"]
     diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
@@ -102,9 +102,6 @@ def train(cfg, chosen=()):
             # this step's row of log.jsonl; a resumed run starts from the row its stopped run logged at this step,
             # and does not evaluate again what it holds
             row = log.resumed if step == start_step else {}
-            # Ctrl-C or SIGTERM (looked for every step, under DDP every log_interval steps): this step is the last,
-            # after its evaluation if it has one, before its training
-            signum = 0 if last_step else stop.requested(step)
             evaluating = (step % cfg["eval_interval"] == 0 or last_step) and "val_loss" not in row
 
             # once in a while: the loss on both splits, the best weights, and a story from a fixed prompt and seed
@@ -125,6 +122,9 @@ def train(cfg, chosen=()):
                     row["sample"] = short_story(model, enc, cfg["eval_sample"], cfg["seed"], ctx)
                     bar.write(f"step {step} writes: {row['sample']}".replace("\n", " "))
 
+            # Ctrl-C or SIGTERM (looked for every step, under DDP every log_interval steps): this step is the last,
+            # after its evaluation if it has one, before its training
+            signum = 0 if last_step else stop.requested(step)
             # the state to resume from: after an evaluation and on a stop; but not at the step a resumed run started
             # from, whose checkpoint holds it already (a new run starts at step 0 with none)
             if (evaluating and (step > start_step or step == 0)) or signum:
@@ -141,7 +141,7 @@ def train(cfg, chosen=()):
                 log.row(step, row)
                 if signum:
                     bar.close()  # before the message, which should be the last line
-                    stop.exit(signum, step, ckpt_path)  # ends the process, as the signal would have
+                    stop.exit(signum, step)  # ends the process, as the signal would have
                 break
 
             # one training step
