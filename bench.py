@@ -1309,8 +1309,8 @@ TINY_SHAPE = dict(n_layer=2, n_head=2, n_embd=32, block_size=16)  # the CPU's st
 
 def bench_gpu(out, data=None, device=None, train_seconds=120):
     """
-    On a CUDA machine, in about 5 minutes: the CUDA tests; the default model's compiled bf16 step at growing
-    batches (compile time, tokens/s, MFU against the GPU's dense bf16 peak, peak memory); then the default recipe
+    On a CUDA machine, in about 5 minutes: the CUDA tests; the default model's compiled step (bf16, fp16 before
+    compute capability 8.0) at growing batches (compile time, tokens/s, MFU against the GPU's dense bf16 peak, peak memory); then the default recipe
     trained for about train_seconds on `data` (a data_dir prepare.py wrote) beside nanoGPT's AdamW recipe for the
     same steps, both scored on the whole validation split. Prints one table and writes it to out/gpu.json. On a
     CPU the same run takes a tiny model and the demo corpus, in about a minute, so the path is tested before a
@@ -1337,8 +1337,9 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
     model_config = GPTConfig(**shape)
     peak = runtime.peak_flops(device) or (None if gpu else 1e12)  # a CPU has no listed peak: a stand-in one
     batch = 64 if gpu else 4
-    speed = bench_train(device, model_config, dtype="bfloat16", compile=True, batch_size=batch, steps=20 if gpu else 2,
-                        sweep=(16, 32, 64, 128, 256, 512) if gpu else (batch,), peak_flops=peak)
+    report["dtype"] = runtime.autocast_context(device, "auto", training=True)[1] if gpu else "bfloat16"
+    speed = bench_train(device, model_config, dtype=report["dtype"], compile=True, batch_size=batch,
+                        steps=20 if gpu else 2, sweep=(16, 32, 64, 128, 256, 512) if gpu else (batch,), peak_flops=peak)
     report["compile_seconds"] = speed["compile_seconds"]
     report["sweep"] = [dict(batch=b, tokens_per_s=r, mfu=m, peak_gib=g) for b, r, m, g in speed["sweep"]]
     rate = next((r for b, r, _, _ in speed["sweep"] if b == batch), max(speed["rates"].values()))
@@ -1366,7 +1367,7 @@ def bench_gpu(out, data=None, device=None, train_seconds=120):
     print(f"| CUDA tests | {report['cuda_tests']} |")
     print(f"| torch.compile, the first step | {report['compile_seconds']:.0f} s |")
     for s in report["sweep"]:
-        print(f"| batch {s['batch']} x {model_config.block_size}, bf16, compiled | {s['tokens_per_s']:,.0f} tokens/s, "
+        print(f"| batch {s['batch']} x {model_config.block_size}, {report['dtype']}, compiled | {s['tokens_per_s']:,.0f} tokens/s, "
               f"MFU {100 * s['mfu']:.1f}%, peak memory {s['peak_gib']:.1f} GiB |")
     for t in report["training"]:
         print(f"| {t['recipe']}: {t['steps']} steps, {t['tokens'] / 1e6:.1f}M tokens in {t['seconds']:.0f} s | "

@@ -3,8 +3,8 @@ Checkpoints: what train.py writes so that a run can go on exactly where it stopp
 train.py, sample.py, export.py, bench.py and `--eval_only` share (model.py's GPT.from_checkpoint makes the model).
 
 A checkpoint is a dict, loadable with torch.load(weights_only=True): the model's weights (the uncompiled model's),
-its settings and vocabulary, and for ckpt.pt what the run needs to go on: the optimizers' state, the step, the best
-validation loss, and every process's RNG states. It is written whole or not at all (files.py).
+its settings and vocabulary, and for ckpt.pt what the run needs to go on: the optimizers' state, the fp16 loss scale,
+the step, the best validation loss, and every process's RNG states. It is written whole or not at all (files.py).
 """
 import os
 import shutil
@@ -103,13 +103,16 @@ def rng_states(generator, device, world):
     return ranks
 
 
-def resume(ckpt, path, optimizers, generator, cfg, rank, world, device):
-    """Go on from the checkpoint: its optimizer state and this process's RNG states. Returns (step, best val loss)."""
+def resume(ckpt, path, optimizers, scaler, generator, cfg, rank, world, device):
+    """Go on from the checkpoint: its optimizer state, its fp16 loss scale and this process's RNG states. Returns
+    (step, best val loss)."""
     try:
         load_optimizer_state(optimizers, ckpt["optimizer"])
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path}: its optimizer state does not fit --optimizer={cfg['optimizer']}: resume with the "
                         f"optimizer it was trained with, or start from scratch")
+    if scaler.is_enabled() and ckpt.get("scaler"):  # fp16 then and now (a bf16 or float32 run saved none)
+        scaler.load_state_dict(ckpt["scaler"])
     step = ckpt["step"]
     if len(ckpt["ranks"]) == world:
         mine = ckpt["ranks"][rank]

@@ -25,8 +25,9 @@ PATHS = dict(
 )
 SYSTEM = dict(
     device="auto",  # auto picks cuda, then mps, then cpu
-    # auto: bfloat16 on CUDA (float16 + grad scaler on old GPUs); bfloat16 for training on a CPU with bf16 dot products
-    # (AVX512-BF16, AMX), else float32; export.py: float32 or float16 weights
+    # auto: bfloat16 on GPUs of compute capability 8.0 or later (A100, RTX 30xx, H100), float16 + grad scaler before
+    # (T4, V100); bfloat16 for training on a CPU with bf16 dot products (AVX512-BF16, AMX), else float32;
+    # export.py: float32 or float16 weights
     dtype="auto",
     compile=True,  # torch.compile on CUDA; on a CPU only if --compile=True is given (eager is faster there)
     seed=1337,

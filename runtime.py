@@ -35,19 +35,31 @@ def cpu_multiplies_bf16():
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def gpu_multiplies_bf16(device):
+    """Compute capability 8.0 or later (A100, RTX 30xx/40xx, L4, H100): bf16 in the tensor cores. Older GPUs (P100,
+    V100, T4: Colab's and Kaggle's) only emulate it, which torch.cuda.is_bf16_supported() counts too; a compiled bf16
+    step fails there in Triton ("Feature '.bf16' requires .target sm_80"), or runs slowly."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def autocast_context(device, dtype, training=False):
     """
-    (context for forward passes, the dtype in effect). auto: bf16 autocast on CUDA, fp16 on GPUs without bf16;
-    float32 on a CPU, except for training on one that multiplies bf16 itself, where a preset's step is 1.6-1.9x
-    faster in bf16 (RESULTS.md). Sampling and --eval_only stay float32 there: their figures and greedy stories
-    are the exact ones.
+    (context for forward passes, the dtype in effect). auto: bf16 autocast on a GPU that multiplies bf16 itself,
+    fp16 (with the GradScaler) on older GPUs; float32 on a CPU, except for training on one that multiplies bf16
+    itself, where a preset's step is 1.6-1.9x faster in bf16 (RESULTS.md). Sampling and --eval_only stay float32
+    there: their figures and greedy stories are the exact ones.
     """
+    native = device.type != "cuda" or gpu_multiplies_bf16(device)
     if dtype == "auto":
         dtype = "float32"
         if device.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            dtype = "bfloat16" if native else "float16"
         elif device.type == "cpu" and training and cpu_multiplies_bf16():
             dtype = "bfloat16"
+    if dtype == "bfloat16" and not native:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise UserError(f"--dtype=bfloat16: this GPU (compute capability {major}.{minor}) only emulates bf16, which "
+                        f"the compiler cannot build: use --dtype=float16 (auto picks it here)")
     if dtype == "float32":
         return nullcontext(), dtype
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)), dtype

@@ -73,7 +73,8 @@ def train(cfg, chosen=()):
     generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
     start_step, best_val = 0, float("inf")
     if ckpt is not None:
-        start_step, best_val = checkpoint.resume(ckpt, ckpt_path, optimizers, generator, cfg, rank, world, device)
+        start_step, best_val = checkpoint.resume(ckpt, ckpt_path, optimizers, scaler, generator, cfg, rank, world,
+                                                 device)
     del ckpt
     grad_accum = cfg["gradient_accumulation_steps"]  # micro-batches a step, on every process
     tokens_per_step = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
@@ -134,7 +135,8 @@ def train(cfg, chosen=()):
                 ranks = checkpoint.rng_states(generator, device, world)  # every process's: they all call it
                 if master:
                     checkpoint.save(ckpt_path, model, cfg, chosen, meta["vocab"], step=step, best_val_loss=best_val,
-                                    optimizer=[o.state_dict() for o in optimizers], ranks=ranks)
+                                    optimizer=[o.state_dict() for o in optimizers], scaler=scaler.state_dict(),
+                                    ranks=ranks)
                     if cfg["keep_checkpoints"] and evaluating:
                         checkpoint.keep_copy(ckpt_path, step)
             if signum or last_step:
