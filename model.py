@@ -34,8 +34,8 @@ class GPTConfig:
 
     @property
     def padded_vocab_size(self):
-        # a multiple of 64 makes the head's matmul faster on GPUs; the padding ids never occur in the data, so
-        # training pushes their logits down, and generation never offers them
+        # a multiple of 64 makes the head's matmul faster on GPUs; the padding rows are left out of every loss and
+        # every probability (forward, generate), as the exported model has none
         return (self.vocab_size + 63) // 64 * 64
 
 
@@ -149,14 +149,15 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, return_logits=True):
         """
-        idx (B, T) token ids -> (logits (B, T, padded vocab), the mean cross-entropy against targets or None).
-        A training step needs only the loss: with return_logits=False the logits are None, and the fused loss
-        (on a CPU) never forms them.
+        idx (B, T) token ids -> (logits (B, T, vocab_size), the mean cross-entropy against targets or None), both
+        over the real vocabulary: the padding rows take no probability. A training step needs only the loss: with
+        return_logits=False the logits are None, and the fused loss (on a CPU) never forms them.
         """
         x = self.hidden(idx)
+        V = self.config.vocab_size
         if targets is not None and self.fused_loss and not return_logits:
-            return None, fused_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        logits = self.lm_head(x)
+            return None, fused_cross_entropy(x.flatten(0, 1), self.lm_head.weight[:V], targets.flatten())
+        logits = self.lm_head(x)[..., :V]  # the matmul over every row (faster), then the padding dropped
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits if return_logits else None, loss
 

@@ -569,7 +569,7 @@ def test_initial_loss_and_causality():
     model = GPT(GPTConfig(**TINY_MODEL, vocab_size=V)).eval()
     x = torch.randint(0, V, (2, 16))
     logits, loss = model(x, x)
-    assert logits.shape == (2, 16, model.config.padded_vocab_size)
+    assert logits.shape == (2, 16, V)
     assert abs(loss.item() - math.log(V)) < 0.5
     x2 = x.clone()
     x2[:, 9] = (x2[:, 9] + 1) % V
@@ -612,8 +612,36 @@ def test_fused_loss_equals_plain_cross_entropy(monkeypatch):
         assert model(x, y, return_logits=False)[1].item() == pytest.approx(grads[0][0], rel=1e-6)
     assert allocated == []
     model(x, y, return_logits=False)[1].backward()
-    assert model.wte.weight.shape in allocated  # (training does allocate them: the check above can fail)
+    assert (1000, 32) in allocated  # (training does allocate them, the real rows': the check above can fail)
 
+
+
+def real_vocabulary_logits(model, idx):
+    """The logits over the real vocabulary, from the hidden states and the head's first vocab_size rows: what
+    sample.py, transformers and llama.cpp compute; the padding rows left out."""
+    return model.hidden(idx) @ model.lm_head.weight[:model.config.vocab_size].T
+
+
+def test_every_loss_is_over_the_real_vocabulary():
+    # 300 tokens, padded to 320: the padding ids never occur, and the exported model has no rows for them
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300))
+    assert model.config.padded_vocab_size == 320
+    with torch.no_grad():  # padding rows that a softmax over all 320 would give a large share of the probability
+        model.wte.weight[300:] = 3 * model.wte.weight[:20]
+    x, y = torch.randint(0, 300, (2, 3, 16))
+    real = F.cross_entropy(real_vocabulary_logits(model, x).flatten(0, 1), y.flatten())
+    for fused in (False, True):  # the CPU's training step, evaluation (the same path) and the plain loss
+        model.fused_loss = fused
+        for return_logits in (False, True):
+            logits, loss = model(x, y, return_logits=return_logits)
+            assert loss.item() == pytest.approx(real.item(), abs=1e-5), (fused, return_logits)
+            if logits is not None:  # what sample.py and the probes read: the real tokens only
+                assert torch.allclose(logits, real_vocabulary_logits(model, x), atol=1e-5)
+    # and the gradient: the padding rows take none, so they never compete for probability
+    model.zero_grad()
+    model(x, y, return_logits=False)[1].backward()
+    assert model.wte.weight.grad[300:].abs().max() == 0 and model.wte.weight.grad[:300].abs().max() > 0
 
 def test_fused_loss_under_bf16_autocast_multiplies_in_bf16_as_the_plain_loss_does():
     torch.manual_seed(0)
@@ -1886,6 +1914,30 @@ def trained(demo_data, tmp_path_factory):
     return out_dir, out["model"].eval()
 
 
+@pytest.fixture(scope="session")
+def padded_data(tmp_path_factory):
+    """The demo corpus in a 300-token vocabulary, which the model pads to 320: 20 padding rows. (The demo's 4,096
+    tokens are a multiple of 64: no padding.)"""
+    data_dir = tmp_path_factory.mktemp("padded_data")
+    return data_dir, prepare.prepare(prepare_cfg(sources.DEMO_CORPUS, data_dir, vocab_size=300))
+
+
+@pytest.fixture(scope="session")
+def trained_padded(padded_data, tmp_path_factory):
+    """trained's model, on padded_data: (out_dir, model)."""
+    out_dir = tmp_path_factory.mktemp("trained_padded")
+    out = train_tiny(padded_data[0], out_dir, max_iters=30, eval_interval=30)
+    return out_dir, out["model"].eval()
+
+
+@pytest.fixture(params=["4096 tokens", "300 tokens, padded"])
+def scored(request):
+    """(data_dir, meta, out_dir, model): a tiny trained model and its bins, in the demo's vocabulary and in one with
+    padding rows."""
+    data, model = ("demo_data", "trained") if request.param == "4096 tokens" else ("padded_data", "trained_padded")
+    return (*request.getfixturevalue(data), *request.getfixturevalue(model))
+
+
 def steps(model, prompt, n, use_cache, temperature=0.0, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     out = list(generate(model, prompt, n, temperature=temperature, generator=g, use_cache=use_cache, **kw))
@@ -2038,25 +2090,25 @@ def test_streaming_never_splits_a_character(trained, demo_data, monkeypatch):
     assert got == text and "".join(pieces) == text and "\ufffd" not in "".join(pieces)
 
 
-def test_full_split_evaluation_equals_a_hand_computation(trained, tmp_path):
-    _, model = trained
+def test_full_split_evaluation_equals_a_hand_computation(scored, tmp_path):
+    *_, model = scored
     ids = torch.randint(0, model.config.vocab_size, (50,), generator=torch.Generator().manual_seed(3))
     (tmp_path / "validation.bin").write_bytes(ids.numpy().astype(np.uint16).tobytes())
     data = Bin(str(tmp_path / "validation.bin"), 50)
     loss, ppl, bpb = evaluate_split(model, data, 123, 16, 2, torch.no_grad(), torch.device("cpu"))
     nats = 0.0
-    for start in range(0, 49, 16):  # windows [0,16], [16,32], [32,48], [48,49]: every target once
-        window = ids[start:start + 17]
-        logits, _ = model(window[None, :-1])
-        nats += F.cross_entropy(logits[0], window[1:], reduction="sum").item()
+    with torch.no_grad():
+        for start in range(0, 49, 16):  # windows [0,16], [16,32], [32,48], [48,49]: every target once
+            window = ids[start:start + 17]
+            nats += F.cross_entropy(real_vocabulary_logits(model, window[None, :-1])[0], window[1:],
+                                    reduction="sum").item()
     assert loss == pytest.approx(nats / 49, rel=1e-5)
     assert ppl == pytest.approx(math.exp(nats / 49), rel=1e-5)
     assert bpb == pytest.approx(nats / math.log(2) / 123, rel=1e-5)
 
 
-def test_eval_only_prints_one_line_bits_per_byte_first(demo_data, trained):
-    data_dir, meta = demo_data
-    out_dir, _ = trained
+def test_eval_only_prints_one_line_bits_per_byte_first(scored):
+    data_dir, meta, out_dir, _ = scored
     r = run("train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--init_from=resume", "--eval_only=True",
             "--device=cpu")
     assert r.returncode == 0, r.stderr
@@ -2066,18 +2118,33 @@ def test_eval_only_prints_one_line_bits_per_byte_first(demo_data, trained):
                            rf"([\d.]+) nats/token \({meta['vocab_size']:,}-token vocabulary\) \| perplexity ([\d.]+)", line)
     assert numbers, line
     bpb, loss, ppl = map(float, numbers.groups())
-    # the checkpoint's model, every token of validation.bin, computed here
+    # the checkpoint's model, every token of validation.bin, computed here over the real vocabulary
     model = GPT.from_checkpoint(checkpoint.load(str(out_dir / "ckpt.pt"))).eval()
     ids = torch.from_numpy(read_bin(data_dir / "validation.bin").astype(np.int64))
     nats = 0.0
     with torch.no_grad():
         for start in range(0, len(ids) - 1, 16):
             window = ids[start:start + 17]
-            nats += F.cross_entropy(model(window[None, :-1])[0][0, :, :meta["vocab_size"]], window[1:],
+            nats += F.cross_entropy(real_vocabulary_logits(model, window[None, :-1])[0], window[1:],
                                     reduction="sum").item()
     assert loss == pytest.approx(nats / (len(ids) - 1), abs=1e-4)
     assert bpb == pytest.approx(nats / math.log(2) / v["bytes"], abs=1e-4)
     assert ppl == pytest.approx(math.exp(nats / (len(ids) - 1)), abs=2e-3 * ppl)
+
+
+def test_the_logged_losses_are_over_the_real_vocabulary(scored):
+    # the last evaluation of the run (train_tiny: eval_iters=2, the batches of a generator seeded with seed), by hand
+    data_dir, _, out_dir, model = scored
+    row = logged(out_dir)[-1]
+    bins, _ = load_bins(data_dir, 16)
+    generator = torch.Generator().manual_seed(config.SYSTEM["seed"])
+    with torch.no_grad():
+        for split, key in (("train", "train_loss"), ("validation", "val_loss")):
+            losses = []
+            for _ in range(2):
+                x, y = train_script.get_batch(bins[split], 4, 16, generator, torch.device("cpu"))
+                losses.append(F.cross_entropy(real_vocabulary_logits(model, x).flatten(0, 1), y.flatten()).item())
+            assert row[key] == pytest.approx(sum(losses) / 2, abs=2e-3), key  # (bf16 on a CPU that has it)
 
 
 def test_a_checkpoint_from_another_version_or_shape_is_refused(trained, tmp_path):
