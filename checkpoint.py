@@ -63,6 +63,15 @@ def refuse_to_replace(path):
                     f"(replacing its ckpt.pt, best.pt and log.jsonl), or train into another --out_dir")
 
 
+def describe(ckpt, path):
+    """The checkpoint as a script names it on loading it: 'out/ckpt.pt (step 1000, 0.987 bits/byte)', the bits per
+    byte of the validation split at the latest evaluation (checkpoints written before train.py saved it have none)."""
+    facts = [f"step {ckpt['step']}"] if "step" in ckpt else []
+    if ckpt.get("bits_per_byte") is not None:
+        facts.append(f"{ckpt['bits_per_byte']:.3f} bits/byte")
+    return f"{path} ({', '.join(facts)})" if facts else path
+
+
 def run_settings(cfg, chosen, ckpt, path):
     """
     The settings of the run and the keys the user chose (by flag or preset). A new run has cfg: the defaults, then

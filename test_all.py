@@ -888,6 +888,10 @@ def test_training_lowers_the_loss_and_writes_its_files(demo_data, tmp_path):
     assert ckpt["step"] == 40 and ckpt["config"]["n_embd"] == 32 and ckpt["config"]["vocab_size"] == meta["vocab_size"]
     assert ckpt["vocab"] == meta["vocab"] and len(ckpt["ranks"]) == 1  # the vocabulary travels with the model
     assert torch.load(tmp_path / "best.pt", weights_only=True)["val_loss"] == out["best_val_loss"]
+    # and the last evaluation in bits per byte, by which serve.py names the checkpoint
+    v = meta["splits"]["validation"]
+    assert ckpt["bits_per_byte"] == pytest.approx(evals[-1]["val_loss"] * v["tokens"] / v["bytes"] / math.log(2))
+    assert checkpoint.describe(ckpt, "ckpt.pt") == f"ckpt.pt (step 40, {ckpt['bits_per_byte']:.3f} bits/byte)"
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "ckpt.pt", "log.jsonl", "loss.png"]  # no .tmp left
 

@@ -71,10 +71,11 @@ def train(cfg, chosen=()):
         step_model = DDP(step_model, device_ids=[local] if device.type == "cuda" else None)
     optimizers = make_optimizers(model, cfg, device, dtype)
     generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
-    start_step, best_val = 0, float("inf")
+    start_step, best_val, bits_per_byte = 0, float("inf"), None  # bits_per_byte: the latest evaluation's
     if ckpt is not None:
         start_step, best_val = checkpoint.resume(ckpt, ckpt_path, optimizers, scaler, generator, cfg, rank, world,
                                                  device)
+        bits_per_byte = ckpt.get("bits_per_byte")
     del ckpt
     grad_accum = cfg["gradient_accumulation_steps"]  # micro-batches a step, on every process
     tokens_per_step = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
@@ -118,7 +119,8 @@ def train(cfg, chosen=()):
                 if losses["validation"] < best_val:
                     best_val = losses["validation"]
                     if master:
-                        checkpoint.save(best_path, model, cfg, chosen, meta["vocab"], step=step, val_loss=best_val)
+                        checkpoint.save(best_path, model, cfg, chosen, meta["vocab"], step=step, val_loss=best_val,
+                                        bits_per_byte=bits_per_byte)
                 if cfg["eval_sample"] and master:  # the same prompt and seed every time: what changes is the model
                     row["sample"] = short_story(model, enc, cfg["eval_sample"], cfg["seed"], ctx)
                     bar.write(f"step {step} writes: {row['sample']}".replace("\n", " "))
@@ -135,8 +137,8 @@ def train(cfg, chosen=()):
                 ranks = checkpoint.rng_states(generator, device, world)  # every process's: they all call it
                 if master:
                     checkpoint.save(ckpt_path, model, cfg, chosen, meta["vocab"], step=step, best_val_loss=best_val,
-                                    optimizer=[o.state_dict() for o in optimizers], scaler=scaler.state_dict(),
-                                    ranks=ranks)
+                                    bits_per_byte=bits_per_byte, optimizer=[o.state_dict() for o in optimizers],
+                                    scaler=scaler.state_dict(), ranks=ranks)
                     if cfg["keep_checkpoints"] and evaluating:
                         checkpoint.keep_copy(ckpt_path, step)
             if signum or last_step:
