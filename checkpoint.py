@@ -34,6 +34,12 @@ def keep_copy(path, step):
         write_atomically(os.path.join(os.path.dirname(path), f"ckpt_{step}.pt"), lambda f: shutil.copyfileobj(saved, f))
 
 
+def find(cfg):
+    """The checkpoint --checkpoint names: a file in --out_dir (ckpt.pt, best.pt), or a path (out_cpu/best.pt)."""
+    name = cfg["checkpoint"]
+    return name if os.path.dirname(name) else os.path.join(cfg["out_dir"], name)
+
+
 def load(path):
     """The checkpoint dict at path (GPT.from_checkpoint makes its model), or one line saying why not."""
     if not os.path.isfile(path):

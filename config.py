@@ -21,7 +21,8 @@ DATA = dict(
 PATHS = dict(
     data_dir="data",  # train.bin, validation.bin, meta.json
     out_dir="out",  # checkpoints, log, loss curve
-    checkpoint="ckpt.pt",  # what sample.py and --eval_only read from out_dir: ckpt.pt (latest) or best.pt
+    # what sample.py, export.py and --eval_only read: ckpt.pt (latest) or best.pt in out_dir, or a path to a checkpoint
+    checkpoint="ckpt.pt",
 )
 SYSTEM = dict(
     device="auto",  # auto picks cuda, then mps, then cpu
@@ -116,7 +117,7 @@ rules = dict(
     force=ANY,
     data_dir=(lambda v: v.strip() != "", "a folder name, not empty"),
     out_dir=(lambda v: v.strip() != "", "a folder name, not empty"),
-    checkpoint=(lambda v: v.strip() != "", "a file name in out_dir, like ckpt.pt or best.pt, not empty"),
+    checkpoint=(lambda v: v.strip() != "", "a file name in out_dir, like ckpt.pt or best.pt, or a path; not empty"),
     device=(lambda v: v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v),
             "one of auto, cpu, cuda, cuda:N, mps"),
     dtype=(lambda v: v in ("auto", "float32", "bfloat16", "float16"), "one of auto, float32, bfloat16, float16"),

@@ -3,7 +3,6 @@
 in one line, bits per byte first (the figure that compares models across vocabularies).
 """
 import math
-import os
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from runtime import autocast_context, pick_device
 
 def evaluate(cfg, chosen=()):
     """Score the checkpoint cfg names; prints one line, returns its figures."""
-    path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
+    path = checkpoint.find(cfg)
     ckpt = checkpoint.load(path)
     cfg, _ = checkpoint.run_settings(cfg, chosen, ckpt, path)
     bins, meta = load_bins(cfg["data_dir"], cfg["block_size"])

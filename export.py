@@ -41,7 +41,7 @@ MARKER = "tinystories_gpt"
 
 def export(cfg):
     """Write the checkpoint cfg names in cfg["format"]; returns the folder's path."""
-    path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
+    path = checkpoint.find(cfg)
     export_dir = export_path(cfg)
     ckpt = checkpoint.load(path)
     model = GPT.from_checkpoint(ckpt)

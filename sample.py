@@ -8,7 +8,6 @@ Write stories with a trained model.
 Tokens are printed as they are made. The model shape comes from the checkpoint, never from the flags.
 """
 import codecs
-import os
 import sys
 
 import torch
@@ -38,8 +37,11 @@ def read_prompt(start):
 
 
 def load_model(cfg, device):
-    """The checkpoint's model, on device, and its tokenizer: the checkpoint's vocabulary."""
-    ckpt = checkpoint.load(os.path.join(cfg["out_dir"], cfg["checkpoint"]))
+    """The checkpoint's model, on device, and its tokenizer: the checkpoint's vocabulary. Which checkpoint it is, its
+    step and its bits/byte, goes to stderr: stdout holds the stories alone."""
+    path = checkpoint.find(cfg)
+    ckpt = checkpoint.load(path)
+    print(f"sampling {checkpoint.describe(ckpt, path)}", file=sys.stderr)
     return GPT.from_checkpoint(ckpt).to(device).eval(), get_tokenizer(ckpt["vocab"])
 
 

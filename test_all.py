@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1145,6 +1146,22 @@ def test_resuming_a_finished_run_changes_nothing_and_max_iters_extends_it(demo_d
     assert "loss" not in rows[12] and "val_loss" in rows[12]  # the last step evaluates and takes no step
 
 
+def test_a_finished_run_ends_with_what_it_saved_and_what_to_run_next(demo_data, tmp_path, capsys):
+    data_dir, meta = demo_data
+    out = tmp_path / "my run"  # a folder sample.py's defaults do not read, its name in need of quotes
+    train_script.main([*TINY_ARGS, "--eval_interval=4", "--max_iters=8", f"--data_dir={data_dir}", f"--out_dir={out}"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    val_loss = [json.loads(line) for line in open(out / "log.jsonl")][-1]["val_loss"]
+    v = meta["splits"]["validation"]
+    bits = val_loss * v["tokens"] / v["bytes"] / math.log(2)
+    assert last == f"saved {out / 'ckpt.pt'} (step 8, {bits:.3f} bits/byte) and best.pt; next: python sample.py " \
+                   f"--out_dir='{out}'", last
+    # the next step, word for word
+    r = subprocess.run([sys.executable, *shlex.split(last.split("next: python ")[1])], cwd=HERE, env=OFFLINE_ENV,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+
+
 def test_a_run_not_told_init_from_never_replaces_the_run_in_out_dir(demo_data, tmp_path, capsys):
     data_dir, _ = demo_data
     args = [*TINY_ARGS, "--eval_interval=4", f"--data_dir={data_dir}", f"--out_dir={tmp_path}"]
@@ -2056,6 +2073,20 @@ def test_sample_streams_what_it_returns_and_repeats_with_a_seed(trained):
     greedy = [sample_script.sample(sample_cfg(out_dir, temperature=0.0, seed=s, num_samples=1), out=None)
               for s in (1, 2)]
     assert greedy[0] == greedy[1]
+
+
+def test_sample_says_on_stderr_which_checkpoint_it_samples(trained, tmp_path):
+    out_dir, _ = trained
+    ckpt = checkpoint.load(str(out_dir / "ckpt.pt"))
+    for args, path in (([f"--out_dir={out_dir}"], out_dir / "ckpt.pt"),  # the defaults: a name inside out_dir
+                       ([f"--checkpoint={out_dir / 'best.pt'}"], out_dir / "best.pt")):  # or a path
+        r = run("sample.py", *args, "--num_samples=1", "--max_new_tokens=20", "--device=cpu", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        step = checkpoint.load(str(path))["step"]
+        assert r.stderr.splitlines() == [f"sampling {path} (step {step}, "
+                                         f"{checkpoint.load(str(path))['bits_per_byte']:.3f} bits/byte)"], r.stderr
+        assert "sampling" not in r.stdout and r.stdout.strip()  # the stories alone: they can be piped
+    assert ckpt["step"] == 30
 
 
 def test_sample_speaks_the_checkpoints_vocabulary(trained, demo_data):

@@ -17,6 +17,7 @@ DDP, the log, the bins' checks) lives in rooms of its own: checkpoint.py, runtim
 """
 import math
 import os
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +30,7 @@ from tqdm import tqdm
 import checkpoint
 import runtime
 from bins import load_bins
-from config import MODEL, SCRIPTS, UserError, get_config
+from config import MODEL, PATHS, SCRIPTS, UserError, get_config
 from logbook import Log, plot_losses
 from model import GPT, GPTConfig
 from muon import Muon
@@ -169,6 +170,11 @@ def train(cfg, chosen=()):
             log.row(step, row)
     if master:
         plot_losses(cfg["out_dir"])
+        # the last line: what the run made, and what to run next
+        sample_it = "python sample.py" + ("" if cfg["out_dir"] == PATHS["out_dir"] else
+                                          f" --out_dir={shlex.quote(cfg['out_dir'])}")
+        print(f"saved {checkpoint.describe(dict(step=step, bits_per_byte=bits_per_byte), ckpt_path)} and best.pt; "
+              f"next: {sample_it}")
     return dict(best_val_loss=best_val, model=model)
 
 
