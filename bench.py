@@ -1095,6 +1095,9 @@ TWELVE_M = ["--n_layer=6", "--n_head=6", "--n_embd=384", "--block_size=128", "--
 HOUR_ROWS = {
     "hour-12m": ("the default shape (6 x 384, context 128) with value embeddings, cpu_long's LR to zero and Muon decay",
                  [*TWELVE_M, "--batch_size=16", "--max_iters=1800", "--eval_interval=300"]),
+    "hour-12m-deep": ("deeper, narrower and a longer context: 8 x 320, context 256 (12.5M), the same recipe",
+                      [*TWELVE_M, "--n_layer=8", "--n_head=5", "--n_embd=320", "--block_size=256", "--batch_size=8",
+                       "--max_iters=1800", "--eval_interval=300"]),
     "hour-long": ("--preset=cpu_long's shape and recipe, for the hour", ["--preset=cpu_long", "--max_iters=7200",
                                                                         "--eval_interval=1200"]),
 }
