@@ -45,25 +45,51 @@ def load_model(cfg, device):
     return GPT.from_checkpoint(ckpt).to(device).eval(), get_tokenizer(ckpt["vocab"])
 
 
-def generate_text(model, enc, prompt_ids, cfg, generator, out=None):
-    """One story after prompt_ids; each piece is written to `out` as soon as it is whole UTF-8."""
+def prompt_ids(enc, prompt, block_size):
+    """The prompt's tokens after an end-of-text token: stories in the training data follow one, so starting from
+    one says "a new story begins". A prompt the context cannot hold is refused."""
+    ids = [enc.eot_token] + enc.encode_ordinary(prompt)
+    if len(ids) > block_size:
+        raise UserError(f"the prompt is {len(ids) - 1} tokens, longer than the model's context of "
+                        f"{block_size - 1} tokens after the end-of-text token: shorten it")
+    return ids
+
+
+def story_tokens(model, enc, prompt_ids, cfg, generator, top=5):
+    """
+    The story after prompt_ids, written by model.py's generate with cfg's settings, one token at a time. Yields
+    (text, token, p, choices) for each: the text it adds to the story, its probability p, and the `top` most likely
+    tokens at that point as (token, probability), most likely first. The probabilities are the model's own, before
+    temperature, top-k and top-p narrow its choice. At the end-of-text token (with stop_at_eot) the story ends,
+    that token adding no text; a story cut in the middle of a character ends with ("\ufffd", None, None, []).
+    """
     # a token can end in the middle of a multi-byte character: decode bytes incrementally, never per token
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    pieces = []
-    for token, _ in generate(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"],
-                             generator):
+    for token, logits in generate(model, idx, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"], cfg["top_p"],
+                                  generator):
         token = token.item()
-        if token == enc.eot_token and cfg["stop_at_eot"]:
+        probs = logits[0].softmax(dim=-1)
+        best = probs.topk(top)
+        the_end = token == enc.eot_token and cfg["stop_at_eot"]
+        text = "" if the_end else decoder.decode(enc.decode_single_token_bytes(token))
+        yield text, token, probs[token].item(), list(zip(best.indices.tolist(), best.values.tolist()))
+        if the_end:
             break
-        pieces.append(decoder.decode(enc.decode_single_token_bytes(token)))
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail, None, None, []
+
+
+def generate_text(model, enc, prompt_ids, cfg, generator, out=None):
+    """One story after prompt_ids; each piece is written to `out` as soon as it is whole UTF-8."""
+    pieces = []
+    for text, *_ in story_tokens(model, enc, prompt_ids, cfg, generator):
+        pieces.append(text)
         if out is not None:
-            out.write(pieces[-1])
+            out.write(text)
             out.flush()
-    pieces.append(decoder.decode(b"", final=True))
-    if out is not None:
-        out.write(pieces[-1])
     return "".join(pieces)
 
 
@@ -89,19 +115,14 @@ def sample(cfg, out=sys.stdout):
     device = pick_device(cfg["device"])
     ctx, _ = autocast_context(device, cfg["dtype"])
     model, enc = load_model(cfg, device)
-    # stories in the training data follow an end-of-text token: starting from one says "a new story begins"
-    prompt_ids = [enc.eot_token] + enc.encode_ordinary(prompt)
-    block_size = model.config.block_size
-    if len(prompt_ids) > block_size:
-        raise UserError(f"the prompt is {len(prompt_ids) - 1} tokens, longer than the model's context of "
-                        f"{block_size - 1} tokens after the end-of-text token: shorten it")
+    ids = prompt_ids(enc, prompt, model.config.block_size)
     generator = torch.Generator(device=device).manual_seed(cfg["seed"])
     stories = []
     with ctx:
         for i in range(cfg["num_samples"]):
             if out is not None:
                 out.write(prompt)
-            stories.append(prompt + generate_text(model, enc, prompt_ids, cfg, generator, out))
+            stories.append(prompt + generate_text(model, enc, ids, cfg, generator, out))
             if out is not None:
                 out.write("\n" + "-" * 40 + "\n" if i < cfg["num_samples"] - 1 else "\n")
     return stories

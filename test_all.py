@@ -2110,7 +2110,7 @@ def test_streaming_never_splits_a_character(trained, demo_data, monkeypatch):
 
     def scripted(model, idx, n, *args):  # a "model" whose next tokens spell out a string with multi-byte characters
         for t in ids[:n]:
-            yield torch.tensor([[t]]), None
+            yield torch.tensor([[t]]), torch.zeros(1, compact.n_vocab)
     monkeypatch.setattr(sample_script, "generate", scripted)
     pieces = []
 
