@@ -1,5 +1,5 @@
 """
-Every default of prepare.py, train.py, sample.py and export.py, in one plain dict, and the --key=value parser.
+Every default of prepare.py, train.py, sample.py, export.py and serve.py, in one plain dict, and the --key=value parser.
 
     python train.py --batch_size=32 --learning_rate=3e-4 --compile=False
     python train.py --preset=cpu          # a named set of overrides, see `presets` below
@@ -80,13 +80,20 @@ EXPORT = dict(
     format="transformers",  # export.py: transformers (a GPT-2 folder) or gguf (one file for llama.cpp)
     export_dir="",  # where export.py writes; empty means {out_dir}/hf, or {out_dir}/gguf for gguf
 )
-config = {**DATA, **PATHS, **SYSTEM, **MODEL, **TRAINING, **SAMPLING, **EXPORT, "preset": ""}
+SERVING = dict(
+    host="127.0.0.1",  # serve.py listens here: this machine only; 0.0.0.0 is every network interface (it warns)
+    port=8000,  # 0: any free port (its line says which)
+    max_streams=2,  # stories written at once; each takes a share of the CPU or GPU
+    max_waiting=16,  # requests that may wait for a turn; one more gets 429
+)
+config = {**DATA, **PATHS, **SYSTEM, **MODEL, **TRAINING, **SAMPLING, **EXPORT, **SERVING, "preset": ""}
 # The keys each script reads
 SCRIPTS = {
     "prepare.py": [DATA, ["data_dir"]],
     "train.py": [PATHS, SYSTEM, MODEL, TRAINING],
     "sample.py": [["out_dir", "checkpoint", "device", "dtype", "seed"], SAMPLING],
     "export.py": [["out_dir", "checkpoint", "dtype"], EXPORT],
+    "serve.py": [["out_dir", "checkpoint", "device", "dtype"], SERVING],
 }
 
 # Named overrides, applied before any other flag: `--preset=cpu`.
@@ -162,6 +169,10 @@ rules = dict(
     stop_at_eot=ANY,
     format=(lambda v: v in ("transformers", "gguf"), "transformers or gguf"),
     export_dir=(lambda v: v == "" or v.strip() != "", "a folder name, or empty for {out_dir}/hf or {out_dir}/gguf"),
+    host=(lambda v: v.strip() != "", "an address to listen on, like 127.0.0.1 (this machine) or 0.0.0.0 (every interface)"),
+    port=(lambda v: 0 <= v <= 65535, "a port from 1 to 65535, or 0 for any free one"),
+    max_streams=(lambda v: v >= 1, "at least 1"),
+    max_waiting=(lambda v: v >= 0, "a number of requests >= 0"),
     preset=(lambda v: v == "" or v in presets, f"one of {', '.join(presets)}"),
 )
 # Settings that make sense alone but not together: (keys, test, what is wrong). Checked when a script reads all the keys.

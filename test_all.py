@@ -13,11 +13,14 @@ a file, a row of the log), never for a guessed time.
 """
 import contextlib
 import gzip
+import gc
+import http.client
 import io
 import itertools
 import json
 import math
 import os
+import queue
 import re
 import shlex
 import shutil
@@ -27,6 +30,10 @@ import subprocess
 import sys
 import threading
 import time
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import numpy as np
 import pytest
@@ -40,6 +47,7 @@ import prepare
 import runtime
 import sources
 import sample as sample_script
+import serve as serve_script
 import tokenizer
 import train as train_script
 from bins import Bin, load_bins
@@ -229,7 +237,8 @@ NONSENSE = dict(
     min_lr=-1e-4, warmup_iters=-2, lr_decay_iters=0, weight_decay=-0.1, muon_weight_decay=-0.1, beta1=1.0, beta2=1.5,
     grad_clip=-1.0, eval_interval=0, eval_iters=0, log_interval=0, eval_sample=-1, num_samples=0, max_new_tokens=0,
     temperature=-0.5,
-    top_k=0, top_p=0.0, preset="gpu", format="onnx", export_dir=" ",
+    top_k=0, top_p=0.0, preset="gpu", format="onnx", export_dir=" ", host=" ", port=65536, max_streams=0,
+    max_waiting=-1,
 )
 ANY_VALUE = {"force", "compile", "bias", "eval_only", "stop_at_eot", "start", "value_embed", "keep_checkpoints"}
 BAD_COMBINATIONS = {  # the keys of each rule in config.combinations -> flags that break it
@@ -2192,6 +2201,376 @@ def test_a_checkpoint_from_another_version_or_shape_is_refused(trained, tmp_path
     ckpt["config"]["n_embd"] = 48  # weights no longer fit the config
     torch.save(ckpt, tmp_path / "ckpt.pt")
     fails_with(sample_script.main, [f"--out_dir={tmp_path}", "--device=cpu"], "does not fit")
+
+
+# =============================================================================
+# serve.py: the page, sample.py's story streamed with each token's choices, and a server that outlives its clients
+
+
+class Logged:
+    """The lines a server logs, as they come. wait_for waits for one: its deadline only ends a test that fails."""
+
+    def __init__(self):
+        self.lines, self.changed = [], threading.Condition()
+
+    def __call__(self, line):
+        with self.changed:
+            self.lines.append(line)
+            self.changed.notify_all()
+
+    def wait_for(self, pattern, timeout=300):
+        def found():
+            return next((line for line in self.lines if re.search(pattern, line)), None)
+        with self.changed:
+            assert self.changed.wait_for(found, timeout), (pattern, self.lines)
+            return found()
+
+
+@contextlib.contextmanager
+def playground(trained, **limits):
+    """serve.py's server of the tiny trained model, in a thread of this process, on a free port: (server, its log)."""
+    out_dir, _ = trained
+    model, enc = sample_script.load_model(sample_cfg(out_dir), torch.device("cpu"))
+    log = Logged()
+    server = serve_script.Playground(("127.0.0.1", 0), model, enc, torch.device("cpu"), log=log, **limits)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        yield server, log
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a server on this machine: never a proxy
+
+
+def ask(url, data=None, headers=None, method=None):
+    """(status, headers, body) of one request; a 4xx is an answer here, not an exception."""
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with NO_PROXY.open(request, timeout=300) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def story_lines(url, settings=None, query=None):
+    """A story from /generate, its settings POSTed as JSON or in a GET's query string: (token lines, last line)."""
+    if query is None:
+        status, headers, body = ask(f"{url}/generate", json.dumps(settings).encode())
+    else:
+        status, headers, body = ask(f"{url}/generate?{query}")
+    assert status == 200 and headers["Content-Type"] == "application/x-ndjson; charset=utf-8", body
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    return lines[:-1], lines[-1]
+
+
+def drawn(lines):
+    """The tokens of a story's lines (a story cut in the middle of a character ends with a line of no token)."""
+    return [line["token"] for line in lines if line["token"] is not None]
+
+
+def test_serve_page_has_its_controls_and_loads_nothing_from_elsewhere(trained):
+    with playground(trained) as (server, _):
+        status, headers, body = ask(server.url + "/")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    for control in ('<textarea id="prompt"', '<button id="write"', '<div id="story"', 'id="temperature"',
+                    'id="top_k"', 'id="top_p"', 'id="max_new_tokens"'):
+        assert control in page
+    assert not re.search(r"https?:|//[\w.]+/|@import", page)  # no address anywhere: one file, no build step
+    policy = headers["Content-Security-Policy"]  # and the browser is told to fetch nothing but this server
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+
+
+def test_serve_streams_sample_pys_story_with_each_tokens_five_likeliest(trained):
+    out_dir, model = trained
+    prompt, block_size = "Once upon a time", model.config.block_size
+    with playground(trained) as (server, log):
+        enc = server.enc
+        tokens, done = story_lines(server.url, dict(prompt=prompt, max_new_tokens=30, seed=5))
+        again, _ = story_lines(server.url, query=urllib.parse.urlencode(dict(prompt=prompt, max_new_tokens=30, seed=5)))
+        greedy, _ = story_lines(server.url, dict(prompt=prompt, max_new_tokens=30, temperature=0, stop_at_eot=False))
+        log.wait_for(r"POST /generate: 30 tokens in [\d.]+ s \(\d+ tokens/s\), length")
+    # sample.py's generator: its story, word for word, at the same seed and settings; GET is the same request
+    story = sample_script.sample(sample_cfg(out_dir, start=prompt, seed=5, num_samples=1, max_new_tokens=30), out=None)
+    assert prompt + "".join(t["text"] for t in tokens) == story[0] and again == tokens
+    ended = "eot" if enc.eot_token in drawn(tokens) else "length"  # it ends where sample.py's story does
+    assert done == dict(done=ended, tokens=len(drawn(tokens)), seconds=done["seconds"], seed=5)
+    assert ended == "eot" or len(drawn(tokens)) == 30
+    # each token's five: the model's own most likely tokens and probabilities at that point (recomputed here, without
+    # the cache, for the tokens whose story so far fits the context), and the one drawn with its probability
+    start = sample_script.prompt_ids(enc, prompt, block_size)
+    with torch.no_grad():
+        probs = model(torch.tensor([(start + drawn(greedy))[:block_size]]))[0][0, :, :model.config.vocab_size].softmax(-1)
+    for line, p in zip(greedy, probs[len(start) - 1:]):
+        top = p.topk(5)
+        assert [t for t, _, _ in line["top"]] == top.indices.tolist()
+        assert [q for _, _, q in line["top"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [text for _, text, _ in line["top"]] == [enc.decode([t]) for t in top.indices.tolist()]
+        assert line["p"] == pytest.approx(p[line["token"]].item(), abs=1e-4)
+    for line in (line for line in greedy + tokens if line["token"] is not None):
+        assert len(line["top"]) == 5 and sum(q for _, _, q in line["top"]) <= 1 + 1e-5
+        assert [q for _, _, q in line["top"]] == sorted((q for _, _, q in line["top"]), reverse=True)
+    assert all(line["token"] == line["top"][0][0] for line in greedy if line["token"] is not None)  # the likeliest
+
+
+# What a server may be sent that it must refuse: (what, path, JSON body (a dict, or raw bytes) or None for a GET,
+# the status, words of the one-line answer)
+BAD_REQUESTS = [
+    ("a prompt past the context", "/generate", {"prompt": "Once upon a time " * 10}, 400, "longer than the model's"),
+    ("a prompt that is not UTF-8", "/generate", b'{"prompt": "caf\xe9"}', 400, "not UTF-8"),
+    ("half a surrogate pair", "/generate", b'{"prompt": "\\udc80"}', 400, "not UTF-8"),
+    ("a query's prompt that is not UTF-8", "/generate?prompt=caf%E9", None, 400, "malformed query string"),
+    ("a temperature below 0", "/generate", {"temperature": -0.5}, 400, "temperature=-0.5: must be"),
+    ("a temperature that is text", "/generate", {"temperature": "hot"}, 400, "temperature='hot': expected float"),
+    ("a temperature that is NaN", "/generate", b'{"temperature": NaN}', 400, "temperature=nan"),
+    ("an infinite temperature", "/generate", b'{"temperature": 1e999}', 400, "temperature=inf"),
+    ("a top-k of 0", "/generate", {"top_k": 0}, 400, "top_k=0: must be"),
+    ("a top-k that is not whole", "/generate", {"top_k": 2.5}, 400, "top_k=2.5: expected int"),
+    ("a top-p of 0", "/generate", {"top_p": 0}, 400, "top_p=0.0: must be"),
+    ("a top-p above 1", "/generate", {"top_p": 1.5}, 400, "top_p=1.5: must be"),
+    ("no tokens", "/generate", {"max_new_tokens": 0}, 400, "max_new_tokens=0: must be"),
+    ("more tokens than the server writes", "/generate", {"max_new_tokens": 10 ** 6}, 400, "writes at most"),
+    ("a token count that is true", "/generate", {"max_new_tokens": True}, 400, "expected int"),
+    ("a seed below 0", "/generate", {"seed": -1}, 400, "seed=-1: must be"),
+    ("a misspelt setting", "/generate", {"temprature": 1.0}, 400, "unknown setting 'temprature'"),
+    ("JSON cut short", "/generate", b'{"prompt": ', 400, "malformed JSON"),
+    ("JSON nested past Python's recursion", "/generate", b"[" * 60000, 400, "malformed JSON"),
+    ("JSON that is not an object", "/generate", b'["Once upon a time"]', 400, "expected a JSON object"),
+    ("a query field without =", "/generate?prompt", None, 400, "malformed query string"),
+    ("a query field twice", "/generate?prompt=a&prompt=b", None, 400, "prompt is given 2 times"),
+    ("a query value that is not JSON", "/generate?temperature=hot", None, 400, "not a JSON value"),
+    ("a query of more fields than settings", "/generate?" + "&".join(f"x{i}=1" for i in range(9)), None, 400,
+     "malformed query string"),
+    ("a body too large", "/generate", b" " * (serve_script.MAX_BODY + 1), 413, "at most 65,536"),
+    ("a file beside the server", "/serve.py", None, 404, "nothing at '/serve.py'"),
+    ("the page's file", "/playground.html", None, 404, "nothing at"),
+    ("a path out of the folder", "/../../etc/passwd", None, 404, "nothing at"),
+    ("a POST to the page", "/", b"{}", 405, "the page is GET /"),
+]
+
+
+def raw_request(port, data):
+    """The status line and last line of the answer to bytes sent as they are (what urllib would never send)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=300) as s:
+        s.sendall(data)
+        answer = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+    return answer.splitlines()[0], answer.splitlines()[-1]
+
+
+def test_serve_refuses_bad_input_with_a_4xx_and_one_line_and_keeps_serving(trained):
+    with playground(trained) as (server, _):
+        answers = {}
+        for what, path, body, status, words in BAD_REQUESTS:
+            data = json.dumps(body).encode() if isinstance(body, dict) else body
+            answers[what] = ask(server.url + path, data)
+            got, headers, answer = answers[what]
+            assert got == status and headers["Content-Type"] == "application/json", (what, got, answer)
+            assert answer.count(b"\n") == 1 and words in json.loads(answer)["error"], (what, answer)
+        # and what only a client that writes its own bytes sends
+        host = f"Host: 127.0.0.1:{server.port}\r\n".encode()
+        for what, data, status in (
+                ("a POST without a length", b"POST /generate HTTP/1.1\r\n" + host + b"\r\n", "411"),
+                ("a request line that is not HTTP", b"GET / HTTP/1.1 please\r\n" + host + b"\r\n", "400"),
+                ("a method it does not have", b"DELETE / HTTP/1.1\r\n" + host + b"\r\n", "405"),
+                ("a header line too long", b"GET / HTTP/1.1\r\n" + host + b"X: " + b"a" * 70000 + b"\r\n\r\n", "431")):
+            status_line, last = raw_request(server.port, data)
+            assert status_line.startswith(f"HTTP/1.0 {status} ") and "error" in json.loads(last), (what, status_line)
+        # still serving: the page, and a story
+        assert ask(server.url + "/")[0] == 200
+        tokens, done = story_lines(server.url, dict(max_new_tokens=3, stop_at_eot=False))
+        assert len(drawn(tokens)) == done["tokens"] == 3
+
+
+def test_serve_answers_only_requests_for_its_own_address(trained):
+    with playground(trained) as (server, _):
+        port, body = server.port, json.dumps(dict(max_new_tokens=2)).encode()
+        # a page of evil.example whose name now resolves to 127.0.0.1 (DNS rebinding) sends its own name as Host
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1:{port + 1}", f"127.0.0.1.evil.example:{port}"):
+            for data in (None, body):
+                status, _, answer = ask(server.url + "/generate", data, {"Host": host})
+                assert status == 403 and "answers requests for" in json.loads(answer)["error"], (host, answer)
+        status_line, _ = raw_request(port, b"GET / HTTP/1.0\r\n\r\n")  # no Host at all
+        assert status_line.startswith("HTTP/1.0 403 ")
+        # another site's page, through the user's browser: the browser says where the request comes from
+        status, _, _ = ask(server.url + "/generate", body, {"Origin": "http://evil.example"})
+        assert status == 403
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}"):  # this machine's names for itself, and its own page
+            assert ask(server.url + "/", headers={"Host": host})[0] == 200
+            assert ask(server.url + "/generate", body, {"Host": host, "Origin": f"http://{host}"})[0] == 200
+    # listening on every interface, it answers to this machine's addresses and names, never another domain's
+    everywhere = types.SimpleNamespace(host="0.0.0.0", port=8000)
+    for host, answers in (("192.168.1.7:8000", True), ("[fe80::1]:8000", True), (f"{socket.gethostname()}:8000", True),
+                          ("evil.example:8000", False), ("192.168.1.7:8001", False)):
+        assert serve_script.Playground.serves_host(everywhere, host) == answers, host
+
+
+def test_serve_stops_the_story_of_a_client_that_hangs_up(trained):
+    # one story at a time, no one waiting, and a story far longer than any test would wait for
+    with playground(trained, max_streams=1, max_waiting=0, max_new_tokens=10 ** 6) as (server, log):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        connection.request("POST", "/generate", json.dumps(dict(max_new_tokens=10 ** 6, stop_at_eot=False)))
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.readline())["token"] is not None
+        response.close()
+        connection.close()
+        made = int(re.search(r"(\d+) tokens in", log.wait_for(r"the client went away")).group(1))
+        assert 1 <= made < 10 ** 6
+        # its turn is free again: the next story is written, not refused
+        tokens, done = story_lines(server.url, dict(max_new_tokens=3, stop_at_eot=False))
+        assert done["tokens"] == 3
+
+
+def test_serve_bounds_the_stories_in_flight_others_wait_or_get_429(trained):
+    with playground(trained, max_streams=1, max_waiting=1, max_new_tokens=10 ** 6) as (server, log):
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        connection.request("POST", "/generate", json.dumps(dict(max_new_tokens=10 ** 6, stop_at_eot=False)))
+        first = connection.getresponse()
+        assert first.status == 200 and first.readline()  # it holds the one stream
+        answers = queue.Queue()
+
+        def another():
+            answers.put(ask(server.url + "/generate", json.dumps(dict(max_new_tokens=4, stop_at_eot=False)).encode()))
+        clients = [threading.Thread(target=another) for _ in range(2)]
+        for client in clients:
+            client.start()
+        status, _, answer = answers.get(timeout=300)  # one may wait; the other is refused at once
+        assert status == 429 and "1 stories are being written and 1 requests wait" in json.loads(answer)["error"]
+        first.close()
+        connection.close()
+        status, _, answer = answers.get(timeout=300)  # the first gone, the one that waited gets its story
+        assert status == 200 and json.loads(answer.decode().splitlines()[-1])["tokens"] == 4
+        for client in clients:
+            client.join()
+
+
+def test_serve_writes_8_stories_at_once_and_leaves_no_thread_or_cache_behind(trained):
+    from model import KVCache, LayerCache
+
+    def settings(seed):
+        return dict(prompt="Once upon a time", max_new_tokens=24, stop_at_eot=False, seed=seed)
+    with playground(trained) as (server, _):  # 2 stories at a time; the others wait their turn
+        threads = threading.active_count()
+        stories = [None] * 8
+
+        def read(i):
+            stories[i] = story_lines(server.url, settings(i))
+        clients = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
+        assert all(story is not None and story[1]["tokens"] == len(drawn(story[0])) == 24 for story in stories), stories
+        # written side by side, each is the story its seed writes alone
+        assert [story_lines(server.url, settings(i)) [0] for i in (0, 7)] == [stories[0][0], stories[7][0]]
+        # every request's thread ends with its answer, and every turn is given back
+        deadline = time.monotonic() + 300
+        while threading.active_count() > threads:
+            assert time.monotonic() < deadline, threading.enumerate()
+            time.sleep(0.01)
+        assert all(server.streams.acquire(blocking=False) for _ in range(2))
+    gc.collect()  # no story's cache or generator outlives its request
+    alive = [o for o in gc.get_objects() if type(o) in (KVCache, LayerCache, types.GeneratorType)]
+    assert not [o for o in alive if type(o) is not types.GeneratorType or o.gi_code is sample_script.story_tokens.__code__]
+
+
+def serve_py(*args):
+    """serve.py started as a user starts it (where Ctrl-C reaches it), its output read line by line as it comes:
+    (the process, a queue of its lines, None at the end)."""
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), *args], cwd=HERE, env=OFFLINE_ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = queue.Queue()
+
+    def read():
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=read, daemon=True).start()
+    return process, lines
+
+
+def until_it_ends(process, lines):
+    """The lines a process writes from now until it exits, and its exit status."""
+    rest = list(iter(lambda: lines.get(timeout=300), None))
+    return rest, process.wait(timeout=300)
+
+
+@slow
+def test_serve_py_says_where_it_serves_and_ends_on_ctrl_c_with_one_line(trained):
+    out_dir, _ = trained
+    ckpt = checkpoint.load(str(out_dir / "ckpt.pt"))
+    process, lines = serve_py(f"--out_dir={out_dir}", "--port=0", "--device=cpu")
+    first = lines.get(timeout=300)
+    served = re.fullmatch(rf"serving {re.escape(str(out_dir / 'ckpt.pt'))} \(step {ckpt['step']}, ([\d.]+) bits/byte\) "
+                          rf"at (http://127\.0\.0\.1:(\d+))\n", first)
+    assert served and float(served[1]) == pytest.approx(ckpt["bits_per_byte"], abs=5e-4), first
+    assert ask(served[2] + "/")[0] == 200
+    # a second server on the same port: one line
+    r = run("serve.py", f"--out_dir={out_dir}", f"--port={served[3]}", "--device=cpu")
+    assert r.returncode == 1 and error_line(r) == f"error: cannot listen on 127.0.0.1:{served[3]}: Address already in use"
+    process.send_signal(signal.SIGINT)
+    rest, status = until_it_ends(process, lines)
+    assert status == 0 and [line for line in rest if '"GET / ' not in line] == ["stopped serving (Ctrl-C)\n"], rest
+    # on every interface: a warning first, in one line
+    process, lines = serve_py(f"--out_dir={out_dir}", "--host=0.0.0.0", "--port=0", "--device=cpu")
+    warning, first = lines.get(timeout=300), lines.get(timeout=300)
+    assert warning.startswith("warning: listening on 0.0.0.0, not on this machine alone") and first.startswith("serving")
+    process.send_signal(signal.SIGINT)
+    assert until_it_ends(process, lines) == (["stopped serving (Ctrl-C)\n"], 0)
+
+
+def drive_the_page(url, screenshot, prompt="Once upon a time", tokens=20, hover=10, to_the_end=False):
+    """In headless Chromium: type a prompt, press Write, wait for `tokens` tokens (or the end of the story), hover
+    over a token and wait for its choices; save a screenshot. Returns the rows of choices: (text, probability)."""
+    from selenium import webdriver
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,760"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    try:
+        driver.get(url)
+        driver.find_element(By.ID, "prompt").clear()
+        driver.find_element(By.ID, "prompt").send_keys(prompt)
+        if not to_the_end:  # a tiny model may end its story early
+            driver.find_element(By.ID, "stop_at_eot").click()
+        driver.find_element(By.ID, "write").click()
+        wait = WebDriverWait(driver, 300)
+        if to_the_end:
+            wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#story .token")) >= tokens)
+        ActionChains(driver).move_to_element(driver.find_elements(By.CSS_SELECTOR, "#story .token")[hover]).perform()
+        rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#choices .choice:not(.extra)"))
+        choices = [(row.find_element(By.CLASS_NAME, "text").text, row.find_element(By.CLASS_NAME, "p").text)
+                   for row in rows]
+        drawn = driver.find_elements(By.CSS_SELECTOR, "#choices .choice.drawn")
+        driver.save_screenshot(str(screenshot))
+        return choices, len(drawn)
+    finally:
+        driver.quit()
+
+
+@slow
+def test_the_page_in_a_real_browser_streams_a_story_and_shows_each_tokens_choices(trained, tmp_path):
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("no Chromium here (apt-get install chromium chromium-driver)")
+    pytest.importorskip("selenium", reason="no selenium here (pip install -r requirements.txt)")
+    with playground(trained) as (server, log):
+        choices, drawn = drive_the_page(server.url, tmp_path / "playground.png")
+        log.wait_for(r"POST /generate: \d+ tokens")  # the page's request, answered
+    assert len(choices) == 5 and drawn == 1, choices
+    assert all(re.fullmatch(r'".*"', text) and re.fullmatch(r"\d+\.\d+%", p) for text, p in choices), choices
+    percents = [float(p.rstrip("%")) for _, p in choices]
+    assert percents == sorted(percents, reverse=True) and 0 < sum(percents) <= 100.5
+    assert (tmp_path / "playground.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # =============================================================================
