@@ -280,7 +280,7 @@ class Handler(BaseHTTPRequestHandler):
 def start(cfg):
     """The server of cfg's checkpoint, listening; its first line says where."""
     device = pick_device(cfg["device"])
-    path = os.path.join(cfg["out_dir"], cfg["checkpoint"])
+    path = checkpoint.find(cfg)
     ckpt = checkpoint.load(path)
     model, enc = GPT.from_checkpoint(ckpt).to(device).eval(), get_tokenizer(ckpt["vocab"])
     try:
