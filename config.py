@@ -234,7 +234,7 @@ def parse_args(argv, cfg, script="this script"):
             print(f"  --{k}={v!r}")
         print(f"\npresets: {', '.join(presets)}")
         sys.exit(0)
-    overrides = {}
+    overrides, typed = {}, {}  # typed: the text of each flag, for the error line
     for arg in argv:
         key, eq, text = arg[2:].partition("=")
         if not arg.startswith("--") or not eq or not key:
@@ -248,6 +248,7 @@ def parse_args(argv, cfg, script="this script"):
             usage_error(f"unknown key --{key} for {script}: {hint}")
         # a string key takes the text as it is, so --start=42 is the prompt "42"
         overrides[key] = text if isinstance(config[key], str) else parse_value(text)
+        typed[key] = text
     preset = overrides.get("preset", "")
     if preset and preset not in presets:
         usage_error(f"--preset={preset!r}: must be {rules['preset'][1]}")
@@ -256,15 +257,18 @@ def parse_args(argv, cfg, script="this script"):
     for k in values.keys() & overrides.keys():
         if overrides[k] != values[k]:
             print(f"note: --{k}={overrides[k]!r} replaces --preset={preset}'s {values[k]!r}", file=sys.stderr)
-    return {k: check_type(k, v, config[k]) for k, v in {**values, **overrides}.items()}
+    return {k: check_type(k, v, config[k], typed.get(k)) for k, v in {**values, **overrides}.items()}
 
 
-def check_type(key, value, default):
-    """The value for `key`, with the type of its default (an int is fine where a float is expected)."""
+def check_type(key, value, default, typed=None):
+    """The value for `key`, with the type of its default: an int is fine where a float is expected, and a whole
+    number written as a float (1e3) where an int is. `typed`: the flag's text, as the error line echoes it."""
     if isinstance(default, float) and type(value) is int:
         return float(value)
+    if type(default) is int and type(value) is float and value.is_integer():
+        return int(value)
     if value is None and key == "top_k":  # the one key where None means "off"
         return value
     if type(value) is not type(default):
-        usage_error(f"--{key}={value!r}: expected {type(default).__name__}, like {default!r}")
+        usage_error(f"--{key}={typed or repr(value)}: expected {type(default).__name__}, like {default!r}")
     return value

@@ -2,6 +2,7 @@
 Where a run happens and how it ends: the device and its precision, the processes of a DDP run, Ctrl-C and SIGTERM,
 whether to compile, what a CPU run will cost, MFU, and errors as one line. train.py calls these by name.
 """
+import dataclasses
 import datetime
 import os
 import shutil
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import UserError
+from config import MODEL, UserError, presets
 
 
 def pick_device(name):
@@ -185,24 +186,39 @@ def flops_per_token(model):
 
 def cpu_note(model, cfg, eval_iters, chosen, tokens_per_step, dtype):
     """What the run will cost on this CPU: the model's FLOPs at the rate of a head-shaped matmul in the run's dtype,
-    timed now."""
-    g = torch.Generator().manual_seed(0)  # not torch's own RNG: that one is the run's (dropout)
-    a = torch.randn(256, model.config.n_embd, generator=g, dtype=getattr(torch, dtype))
-    b = torch.randn(model.config.n_embd, model.config.padded_vocab_size, generator=g, dtype=a.dtype)
-    a @ b  # warm-up
-    start = time.perf_counter()
-    for _ in range(2):
-        a @ b
-    flops_per_second = 2 * 2 * a.size(0) * a.size(1) * b.size(1) / (time.perf_counter() - start)
-    step = flops_per_token(model) * tokens_per_step / flops_per_second
+    timed now. A long run hears what --preset=cpu would cost here, estimated the same way."""
+    step, rate = step_seconds(model, tokens_per_step, dtype)
     evaluation = step / 3 * 2 * eval_iters * cfg["batch_size"] * cfg["block_size"] / tokens_per_step
-    note = (f"note: this CPU does about {flops_per_second / 1e9:.0f} GFLOP/s, so a step takes about {duration(step)}, "
+    note = (f"note: this CPU does about {rate / 1e9:.0f} GFLOP/s, so a step takes about {duration(step)}, "
             f"max_iters={cfg['max_iters']} about {duration(step * cfg['max_iters'])}, and each evaluation "
             f"(eval_iters={eval_iters}{'' if 'eval_iters' in chosen else ', the CPU default'}) about "
             f"{duration(evaluation)}")
     if step * cfg["max_iters"] > 3600 and not cfg["preset"]:
-        note += "; --preset=cpu trains a smaller model in about 10 minutes"
+        preset = presets["cpu"]
+        with torch.device("meta"):  # the preset's model: its shape, no weights
+            small = type(model)(dataclasses.replace(model.config, **{k: preset[k] for k in MODEL if k in preset}))
+        small_step, _ = step_seconds(small, preset["batch_size"] * preset["block_size"], dtype)
+        note += f"; --preset=cpu trains a smaller model in about {duration(small_step * preset['max_iters'])} here"
     return note
+
+
+def step_seconds(model, tokens_per_step, dtype):
+    """(a training step's seconds on this CPU, the FLOP/s they assume): the step's FLOPs at the rate of a matmul
+    shaped like the model's head."""
+    rate = matmul_rate(model.config.n_embd, model.config.padded_vocab_size, dtype)
+    return flops_per_token(model) * tokens_per_step / rate, rate
+
+
+def matmul_rate(n_embd, vocab_size, dtype):
+    """FLOP/s of (256, n_embd) @ (n_embd, vocab_size) in dtype, timed now."""
+    g = torch.Generator().manual_seed(0)  # not torch's own RNG: that one is the run's (dropout)
+    a = torch.randn(256, n_embd, generator=g, dtype=getattr(torch, dtype))
+    b = torch.randn(n_embd, vocab_size, generator=g, dtype=a.dtype)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(2):
+        a @ b
+    return 2 * 2 * a.size(0) * a.size(1) * b.size(1) / (time.perf_counter() - start)
 
 
 def duration(seconds):

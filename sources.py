@@ -190,7 +190,9 @@ def find_source(dataset, val_fraction):
     if os.path.isfile(dataset):
         if not file_format(dataset):
             raise UserError(f"{dataset}: unknown file type, expected one of {', '.join(FORMATS)} or a folder")
-        return dict(kind="one_file", file=file_stamp(dataset), val_every=max(2, round(1 / val_fraction)))
+        source = dict(kind="one_file", file=file_stamp(dataset), val_every=max(2, round(1 / val_fraction)))
+        # meta.json says so: train.py then says what it trains on
+        return {**source, "demo": True} if os.path.abspath(dataset) == DEMO_CORPUS else source
     if re.fullmatch(r"[\w.-]+/[\w.-]+", dataset) and not file_format(dataset):
         if hub_cached(dataset) if hub_offline() else hub_reachable():
             return dict(kind="hub", name=dataset)

@@ -197,7 +197,7 @@ def train_tiny(data_dir, out_dir, chosen=(), **overrides):
 # config.py: every setting is checked before any work, and mistakes end in one line
 
 
-def test_config_parses_types_and_rejects_mistakes():
+def test_config_parses_types_and_rejects_mistakes(capsys):
     cfg, chosen = config.get_config(["--learning_rate=1", "--compile=False", "--device=cpu", "--start=42"],
                                     [config.TRAINING, config.SYSTEM, config.SAMPLING])
     assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)
@@ -210,6 +210,12 @@ def test_config_parses_types_and_rejects_mistakes():
         with pytest.raises(SystemExit) as e:
             config.get_config(bad, [config.TRAINING])
         assert e.value.code == 2
+    # a whole number written as a float is that number; another says what was typed
+    cfg, _ = config.get_config(["--max_iters=1e3", "--batch_size=32.0"], [config.TRAINING])
+    assert cfg["max_iters"] == 1000 and type(cfg["max_iters"]) is int and type(cfg["batch_size"]) is int
+    with pytest.raises(SystemExit):
+        config.get_config(["--max_iters=1.5e-3"], [config.TRAINING])
+    assert "--max_iters=1.5e-3: expected int" in capsys.readouterr().err
 
 
 def test_a_flag_given_with_a_preset_wins_and_says_so(capsys, demo_data, tmp_path):
@@ -462,6 +468,16 @@ def test_offline_the_hub_falls_back_to_the_demo_corpus(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Cannot reach the Hugging Face hub" in r.stdout and "--dataset=PATH" in r.stdout
     assert read_meta(tmp_path / "a")["source"]["file"]["path"] == sources.DEMO_CORPUS
+    assert read_meta(tmp_path / "a")["source"]["demo"]  # and says so, and so does train.py's first lines
+    p = subprocess.Popen([sys.executable, "train.py", *TINY_ARGS, f"--data_dir={tmp_path / 'a'}",
+                          f"--out_dir={tmp_path / 'out'}"], cwd=HERE, env=OFFLINE_ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = [p.stdout.readline() for _ in range(2)]
+    finally:
+        p.kill()
+        p.wait()
+    assert first[0].startswith("data: the demo corpus") and "not to learn English" in first[0], first
     # HF_HUB_OFFLINE=1, as users set it, and nothing in datasets' cache: the same, saying what to do
     r = run("prepare.py", f"--data_dir={tmp_path / 'b'}", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 0, r.stderr
@@ -1169,6 +1185,18 @@ def test_a_finished_run_ends_with_what_it_saved_and_what_to_run_next(demo_data, 
     r = subprocess.run([sys.executable, *shlex.split(last.split("next: python ")[1])], cwd=HERE, env=OFFLINE_ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip(), r.stderr[-2000:]
+
+
+def test_the_cpu_notes_of_the_default_model_and_of_the_preset_agree(monkeypatch):
+    # both are estimates for this CPU, at one measured rate; here a fixed one, so that they agree exactly
+    monkeypatch.setattr(runtime, "matmul_rate", lambda n_embd, vocab_size, dtype: 5e9)
+    notes = {}
+    for preset in ("", "cpu"):
+        cfg, chosen = config.get_config([f"--preset={preset}"], config.SCRIPTS["train.py"])
+        model = GPT(GPTConfig(**{k: cfg[k] for k in config.MODEL}, vocab_size=config.DATA["vocab_size"]))
+        notes[preset] = runtime.cpu_note(model, cfg, 5, chosen, cfg["batch_size"] * cfg["block_size"], "float32")
+    hint = notes[""].split("; --preset=cpu trains a smaller model in ")[1]
+    assert f"max_iters=1000 {hint.removesuffix(' here')}," in notes["cpu"], notes
 
 
 def test_a_run_not_told_init_from_never_replaces_the_run_in_out_dir(demo_data, tmp_path, capsys):
@@ -3308,7 +3336,7 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
             ("train.py", ["--learning_rat=1e-3"], "unknown key --learning_rat for train.py: did you mean --learning_rate?", 2)],
         "`python train.py --vocab_size=4096`": [
             ("train.py", ["--vocab_size=4096"], "unknown key --vocab_size for train.py: a setting of prepare.py", 2)],
-        "`python train.py --batch_size=big`": [("train.py", ["--batch_size=big"], "--batch_size='big': expected int", 2)],
+        "`python train.py --batch_size=big`": [("train.py", ["--batch_size=big"], "--batch_size=big: expected int", 2)],
         "`python prepare.py --dataset=nope.txt`": [
             ("prepare.py", [f"--dataset={tmp_path / 'nope.txt'}", f"--data_dir={tmp_path / 'd'}"], "no such file or folder", 1)],
         "`python prepare.py --dataset=stories.csv`": [

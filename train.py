@@ -82,6 +82,10 @@ def train(cfg, chosen=()):
     tokens_per_step = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
     eval_iters = runtime.cpu_eval_iters(cfg, chosen, device)
     if master:
+        if meta["source"].get("demo"):  # prepare.py's fallback where the hub is out of reach
+            stories = sum(split["stories"] for split in meta["splits"].values())
+            print(f"data: the demo corpus, {stories} stories: enough to see the pipeline run, not to learn English "
+                  f"(TinyStories: python prepare.py where the Hugging Face hub is reachable)")
         n_params, n_total = model.num_params()
         print(f"model: {n_params / 1e6:.2f}M parameters besides the embeddings, {n_total / 1e6:.2f}M in all (the head "
               f"is tied to the {meta['vocab_size']:,}-token embedding)")
