@@ -841,6 +841,7 @@ QUALITY_ROWS.update({
                                             [*CPU_LONG_RECIPE, "--value_embed=False", "--learning_rate=0.06"], None),
     "preset-long-recipe-no-ve-heads-2": ("preset-long-recipe-no-ve, 2 heads", 4096,
                                          [*CPU_LONG_RECIPE, "--value_embed=False", "--n_head=2"], None),
+    "preset-hour": ("--preset=cpu_hour: --preset=cpu_long for 3.45x its steps", 4096, ["--preset=cpu_hour"], None),
     "preset-long-heads-8": ("--preset=cpu_long, 8 heads", 4096, ["--preset=cpu_long", "--n_head=8"], None),
     # the default model, 1.0M tokens at batch 16 x 128
     "default": ("the default recipe: Muon 0.02, AdamW 0.02, weight decay 0.1", 4096, DEFAULT_SHAPE, None),
@@ -1095,8 +1096,8 @@ TWELVE_M = ["--n_layer=6", "--n_head=6", "--n_embd=384", "--block_size=128", "--
 HOUR_ROWS = {
     "hour-12m": ("the default shape (6 x 384, context 128) with value embeddings, cpu_long's LR to zero and Muon decay",
                  [*TWELVE_M, "--batch_size=16", "--max_iters=1800", "--eval_interval=300"]),
-    "hour-long": ("--preset=cpu_long's shape and recipe, for the hour", ["--preset=cpu_long", "--max_iters=7200",
-                                                                        "--eval_interval=1200"]),
+    "hour-long": ("--preset=cpu_long's shape and recipe for the hour: --preset=cpu_hour",
+                  ["--preset=cpu_long", "--max_iters=7200", "--eval_interval=1200"]),
 }
 
 

@@ -3163,6 +3163,18 @@ def test_every_quality_row_is_train_py_flags_that_parse():
     assert set(bench.DEFAULT_ROWS) <= set(bench.QUALITY_ROWS)
 
 
+def test_every_hour_row_parses_and_cpu_hour_is_the_row_it_won():
+    import bench
+
+    for name, (what, flags) in bench.HOUR_ROWS.items():
+        cfg, _ = config.get_config(flags, config.SCRIPTS["train.py"])
+        assert cfg["max_iters"] // cfg["eval_interval"] >= 6, name  # a checkpoint every ~10 minutes of the hour
+    # the preset is what bench.py hour measured: the same run, key for key
+    measured, _ = config.get_config(bench.HOUR_ROWS["hour-long"][1], config.SCRIPTS["train.py"])
+    preset, _ = config.get_config(["--preset=cpu_hour"], config.SCRIPTS["train.py"])
+    assert {**measured, "preset": ""} == {**preset, "preset": ""}
+
+
 def test_bench_quality_trains_scores_and_keeps_each_row(tmp_path, capsys, monkeypatch):
     import bench
 
