@@ -3302,7 +3302,28 @@ def test_bench_llama_compares_llama_cpp_with_the_project(trained, llama_cpp, cap
     assert "| llama.cpp, GGUF float32 |" in out and "| sample.py" in out
 
 # =============================================================================
-# README's table of mistakes: each row run as a user would
+# README: a first screen a newcomer reads, and its table of mistakes, each row run as a user would
+
+
+def test_readmes_first_screen_is_for_a_newcomer():
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    assert len(readme.splitlines()) <= 250
+    first = readme.split("\n## ")[0]  # the question, the commands, a story, the table
+    assert "10–15M parameters" in first and "TinyStories paper (Ronen Eldan and Yuanzhi Li, 2023)" in first
+    for command in ("python prepare.py", "python train.py --preset=cpu", "python sample.py"):
+        assert command in first, command
+    assert any(line.startswith("> ") for line in first.splitlines()) and "| --- |" in first.replace("|---|", "| --- |")
+    # each term is explained where it first appears in the text (a table's header is explained below it): in bold
+    text = "\n".join(line for line in readme.splitlines() if not line.startswith("|"))
+    for term in ("probes", "copy check", "nats", "value embeddings", "Muon", "MFU", "bits per byte"):
+        at = text.lower().find(term.lower())
+        assert at > 0 and text[at - 2:at] == "**", (term, text[at - 100:at + 50])
+    # every figure of the first screen is one of RESULTS.md's (or a placeholder while it is measured)
+    with open(os.path.join(HERE, "RESULTS.md")) as f:
+        results = f.read()
+    figures = set(re.findall(r"\d+\.\d+", first))
+    assert figures and not [x for x in figures if x not in results], [x for x in figures if x not in results]
 
 
 def readme_table_rows():
@@ -3383,9 +3404,10 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
         "a run whose loss becomes NaN": [
             ("train.py", tiny + [f"--data_dir={data_dir}", "--init_from=resume", "--max_iters=60", "--learning_rate=1e9",
                                  "--muon_lr=1e9"], "training diverged", 1)],
-        "`python sample.py` with no checkpoint": [("sample.py", [f"--out_dir={tmp_path / 'none'}"], "no checkpoint at", 1)],
-        "`python sample.py` on a truncated or random-bytes checkpoint": [
-            ("sample.py", [f"--out_dir={tmp_path / d}"], "is not a readable checkpoint", 1) for d in ("corrupt", "truncated")],
+        "`python sample.py` or `python export.py` with no checkpoint, or a truncated or random-bytes one": [
+            (script, [f"--out_dir={tmp_path / d}"], message, 1) for script in ("sample.py", "export.py") for d, message in
+            (("none", "no checkpoint at"), ("corrupt", "is not a readable checkpoint"),
+             ("truncated", "is not a readable checkpoint"))],
         "`python sample.py` on a checkpoint from another version of this project": [
             ("sample.py", [f"--out_dir={tmp_path / 'old'}"], "was written by another version of train.py (checkpoint "
                                                              "version 1, this one reads 2): train it again", 1)],
@@ -3400,10 +3422,6 @@ def test_every_row_of_the_readme_table(demo_data, gpt2_data, trained, tmp_path):
             (("missing.txt", "cannot read the prompt file"), ("empty.txt", "is empty"), ("latin1.txt", "is not UTF-8 text"))],
         "`python sample.py --start=\"<a prompt longer than the context>\"`": [
             ("sample.py", [o, "--start=" + "Once upon a time " * 10], "longer than the model's context", 1)],
-        "`python export.py` with no checkpoint, or a truncated or random-bytes one": [
-            ("export.py", [f"--out_dir={tmp_path / d}"], message, 1) for d, message in
-            (("none", "no checkpoint at"), ("corrupt", "is not a readable checkpoint"),
-             ("truncated", "is not a readable checkpoint"))],
         "`python export.py --format=onnx`": [("export.py", [o, "--format=onnx"], "--format='onnx': must be transformers or gguf", 2)],
         "`python export.py --dtype=bfloat16`": [
             ("export.py", [o, "--dtype=bfloat16"], "--dtype='bfloat16': export.py writes float32 (auto) or float16", 2)],
