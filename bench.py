@@ -252,6 +252,7 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
 
     import config
     import runtime
+    import model as model_py
     import train
     from model import GPT, GPTConfig
 
@@ -270,13 +271,12 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
     def make(project, compiled, fused, step_dtype=dtype):
         torch.manual_seed(0)
         model = GPT(model_config).to(device)
-        model.fused_loss = fused
         if project:
             optimizers = train.make_optimizers(model, cfg, device, step_dtype)
         else:  # nanoGPT's loop: the default (foreach) AdamW, the loss over the full logits
             optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)]
         step_model = torch.compile(model, dynamic=False) if compiled else model
-        return dict(model=model, step_model=step_model, optimizers=optimizers,
+        return dict(model=model, step_model=step_model, optimizers=optimizers, fused=fused,
                     ctx=runtime.autocast_context(device, step_dtype)[0],
                     scaler=torch.amp.GradScaler(device.type, enabled=step_dtype == "float16"))
 
@@ -284,12 +284,16 @@ def bench_train(device=None, model_config=None, dtype="auto", compile=None, batc
         """Tokens/s over n optimizer steps of train.py's train_step (batches, loss, backward, clip, step)."""
         step_cfg = {**cfg, "batch_size": batch}
         generator = torch.Generator().manual_seed(0)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(n):
-            train.train_step(runner["step_model"], runner["optimizers"], runner["scaler"], data, generator, step_cfg,
-                             runner["ctx"], device)
-        sync(device)
+        model_py.FUSED_LOSS = runner["fused"]  # model.py's switch: on a CPU, the fused loss or the plain one
+        try:
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(n):
+                train.train_step(runner["step_model"], runner["optimizers"], runner["scaler"], data, generator,
+                                 step_cfg, runner["ctx"], device)
+            sync(device)
+        finally:
+            model_py.FUSED_LOSS = True
         return batch * T * n / (time.perf_counter() - start)
 
     by_default = runtime.wants_compile(dict(compile=True), device, chosen=())

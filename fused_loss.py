@@ -1,7 +1,7 @@
 """
 The CPU's fast path for the head and the loss: mean(cross_entropy(x @ w.T, targets)) without ever holding all the
-logits. model.py uses it for a training step on a CPU (train.py turns it on); on a GPU the compiled plain loss is
-as fast. bench.py train compares the two.
+logits. model.py uses it where a loss is asked for without the logits on a CPU, run eagerly (fused_loss_pays); on
+a GPU the compiled plain loss is as fast. bench.py train compares the two.
 """
 import torch
 

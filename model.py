@@ -10,7 +10,6 @@ values in every layer.
 After the model: generation, with a KV cache so that each new token costs one position's work.
 """
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
 import torch
@@ -54,23 +53,37 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        if ve is not None:
+        if ve is not None:  # value embeddings (GPT, below)
             v = v + self.ve_gate * ve
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # the keys and values of the positions before these, and these
+        if cache is not None:  # generation: the keys and values of the positions before these, and these
             k, v = cache.update(k, v)
-        # Query i sits at position Tk - T + i and sees the keys up to it: the plain causal mask when there is no
-        # past, no mask for a single query, and a shifted triangle for several new queries after a past
-        Tk = k.size(2)
-        mask = None if T == 1 or T == Tk else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        # a CPU's attention trains 3x slower in bf16 than in float32 (its backward), so under autocast it stays float32
-        on_cpu = x.device.type == "cpu"
-        with torch.autocast("cpu", enabled=False) if on_cpu else nullcontext():
-            q, k, v = (q.float(), k.float(), v.float()) if on_cpu else (q, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=1 < T == Tk,
-                                               dropout_p=self.dropout if self.training else 0.0)  # flash on CUDA
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+
+def causal_attention(q, k, v, dropout_p=0.0):
+    """softmax(q k^T / sqrt(hs)) v, each query seeing the keys up to its own position: torch's
+    scaled_dot_product_attention (flash attention on CUDA). On a CPU it runs in float32 even under bf16 autocast:
+    there its backward trains 3x slower in bf16."""
+    mask, is_causal = causal_mask(q.size(2), k.size(2), q.device)
+    if q.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                  is_causal=is_causal, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
+def causal_mask(T, Tk, device):
+    """(attn_mask, is_causal) for T queries at the last T of Tk positions: query i sits at Tk - T + i. Without a
+    past (T == Tk) the plain causal triangle; a single new query sees every key; several new queries after a KV
+    cache's past, a triangle shifted by it."""
+    if T == Tk:
+        return None, T > 1
+    if T == 1:
+        return None, False
+    return torch.ones(T, Tk, dtype=torch.bool, device=device).tril(Tk - T), False
 
 
 class MLP(nn.Module):
@@ -113,7 +126,6 @@ class GPT(nn.Module):
             # the values its position offers the attention, so a layer can pass on which token a position holds
             # without the residual stream carrying it; a lookup, no FLOPs. GPT-2 has no such thing.
             self.vte = nn.Embedding(config.padded_vocab_size, config.n_embd)
-        self.fused_loss = False  # train.py turns it on for a CPU's training steps (fused_loss.py)
         self.init_weights()
 
     def init_weights(self):
@@ -155,7 +167,8 @@ class GPT(nn.Module):
         """
         x = self.hidden(idx)
         V = self.config.vocab_size
-        if targets is not None and self.fused_loss and not return_logits:
+        if targets is not None and not return_logits and fused_loss_pays(x):
+            # the head and the loss in one, never holding the logits (fused_loss.py)
             return None, fused_cross_entropy(x.flatten(0, 1), self.lm_head.weight[:V], targets.flatten())
         logits = self.lm_head(x)[..., :V]  # the matmul over every row (faster), then the padding dropped
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -176,6 +189,15 @@ class GPT(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         embeddings = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
         return total - embeddings, total
+
+
+FUSED_LOSS = True  # bench.py and the tests turn it off, to compare with the plain loss
+
+
+def fused_loss_pays(x):
+    """Whether the loss of the hidden states x is computed fused with the head: on a CPU, run eagerly, where it is
+    the faster (bench.py train). On a GPU, or compiled, the plain loss is as fast."""
+    return FUSED_LOSS and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 # -----------------------------------------------------------------------------

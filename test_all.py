@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import checkpoint
 import config
 import export as export_script
+import model as model_script
 import prepare
 import runtime
 import sources
@@ -616,13 +617,37 @@ def test_attention_equals_the_manual_math():
     assert torch.allclose(attn(x), manual, atol=1e-5)
 
 
+@pytest.mark.parametrize("T, Tk", [(5, 5), (1, 1), (1, 7), (3, 7)])
+def test_attention_lets_each_query_see_the_keys_up_to_its_own_position(T, Tk):
+    # T queries at the last T of Tk positions: training (T == Tk), and generation after a KV cache's past (Tk > T)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 2, T, 8), torch.randn(2, 2, Tk, 8), torch.randn(2, 2, Tk, 8)
+    allowed = torch.arange(Tk)[None, :] <= torch.arange(Tk - T, Tk)[:, None]  # key j <= the query's position
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(~allowed, float("-inf"))
+    assert torch.allclose(model_script.causal_attention(q, k, v), scores.softmax(dim=-1) @ v, atol=1e-6)
+
+
+def test_a_cpus_eager_training_step_uses_the_fused_loss_unasked(monkeypatch):
+    # the choice is model.py's own, where the loss is computed: on a CPU, eager, a loss without logits is fused
+    calls = []
+    fused = model_script.fused_cross_entropy
+    monkeypatch.setattr(model_script, "fused_cross_entropy", lambda *a: calls.append(1) or fused(*a))
+    model = GPT(GPTConfig(**TINY_MODEL))
+    x, y = torch.randint(0, model.config.vocab_size, (2, 4, 16))
+    model(x, y, return_logits=False)
+    assert calls == [1]
+    model(x, y)  # the logits asked for: the plain loss from them
+    torch.compile(model, backend="eager", fullgraph=True, dynamic=False)(x, y, return_logits=False)  # compiled: plain
+    assert calls == [1]
+
+
 def test_fused_loss_equals_plain_cross_entropy(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=1000))
     x, y = torch.randint(0, 1000, (2, 3, 16))
     grads = []
     for fused in (False, True):
-        model.fused_loss = fused
+        monkeypatch.setattr(model_script, "FUSED_LOSS", fused)
         model.zero_grad()
         _, loss = model(x, y, return_logits=False)  # as a training step asks for it
         (2 * loss).backward()  # a non-unit upstream gradient, as gradient accumulation gives
@@ -648,7 +673,7 @@ def real_vocabulary_logits(model, idx):
     return model.hidden(idx) @ model.lm_head.weight[:model.config.vocab_size].T
 
 
-def test_every_loss_is_over_the_real_vocabulary():
+def test_every_loss_is_over_the_real_vocabulary(monkeypatch):
     # 300 tokens, padded to 320: the padding ids never occur, and the exported model has no rows for them
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=300))
@@ -658,7 +683,7 @@ def test_every_loss_is_over_the_real_vocabulary():
     x, y = torch.randint(0, 300, (2, 3, 16))
     real = F.cross_entropy(real_vocabulary_logits(model, x).flatten(0, 1), y.flatten())
     for fused in (False, True):  # the CPU's training step, evaluation (the same path) and the plain loss
-        model.fused_loss = fused
+        monkeypatch.setattr(model_script, "FUSED_LOSS", fused)
         for return_logits in (False, True):
             logits, loss = model(x, y, return_logits=return_logits)
             assert loss.item() == pytest.approx(real.item(), abs=1e-5), (fused, return_logits)
@@ -669,13 +694,13 @@ def test_every_loss_is_over_the_real_vocabulary():
     model(x, y, return_logits=False)[1].backward()
     assert model.wte.weight.grad[300:].abs().max() == 0 and model.wte.weight.grad[:300].abs().max() > 0
 
-def test_fused_loss_under_bf16_autocast_multiplies_in_bf16_as_the_plain_loss_does():
+def test_fused_loss_under_bf16_autocast_multiplies_in_bf16_as_the_plain_loss_does(monkeypatch):
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=1000))
     x, y = torch.randint(0, 1000, (2, 8, 32))
     grads = {}
     for name, fused, bf16 in (("float32", False, False), ("plain", False, True), ("fused", True, True)):
-        model.fused_loss = fused
+        monkeypatch.setattr(model_script, "FUSED_LOSS", fused)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(x, y, return_logits=False)[1]
@@ -853,8 +878,7 @@ def test_get_batch(demo_data):
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_the_optimizers_overfit_a_fixed_batch(optimizer):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=2000))
-    model.fused_loss = True
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=2000))  # a CPU's: fused loss
     x, y = torch.randint(0, 2000, (2, 4, 16))
     cfg = {**config.TRAINING, "optimizer": optimizer, "learning_rate": 3e-3, "max_iters": 80}
     optimizers = train_script.make_optimizers(model, cfg, torch.device("cpu"))
@@ -1898,8 +1922,7 @@ def test_progress_bar_mfu_against_a_given_peak(compiled_runs):
 
 def test_compiled_forward_and_loss_have_no_graph_break():
     # fullgraph=True makes any graph break an error; the "eager" backend traces without compiling kernels
-    model = GPT(GPTConfig(**TINY_MODEL))
-    model.fused_loss = False  # as train.py compiles it
+    model = GPT(GPTConfig(**TINY_MODEL))  # compiled: the plain loss
     x, y = torch.randint(0, model.config.vocab_size, (2, 4, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)(x, y)

@@ -65,8 +65,6 @@ def train(cfg, chosen=()):
     ctx, dtype = runtime.autocast_context(device, cfg["dtype"], training=True)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
     compiling = runtime.use_compiler(cfg, device, chosen, master)
-    # on a CPU an eager step computes its loss without forming the logits (model.py, fused_loss.py)
-    model.fused_loss = device.type == "cpu" and not compiling
     step_model = torch.compile(model, dynamic=False) if compiling else model  # the model each step runs
     if world > 1:  # every process computes its gradients, DDP averages them
         step_model = DDP(step_model, device_ids=[local] if device.type == "cuda" else None)
