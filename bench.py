@@ -1212,7 +1212,8 @@ def bench_hour(data, rows, out, plot="cpu_hour.png"):
             axes[0][col].plot(x, bpb, marker="o", label=name)
             axes[1][col].plot(x, [100 * p for p in held_out], marker="o", label=name)
     for col, xlabel in enumerate(("minutes of one core (CPU time)", "tokens seen (millions)")):
-        axes[0][col].set(xlabel=xlabel, ylabel="bits/byte, validation")
+        # an untrained model's ~3.1 would flatten the rest: it stays above the top
+        axes[0][col].set(xlabel=xlabel, ylabel="bits/byte, validation (untrained: above the top)", ylim=(None, 1.5))
         axes[1][col].set(xlabel=xlabel, ylabel="held-out probes right (%)")
         axes[1][col].axhline(50, color="gray", linestyle=":", label="chance")
     for ax in axes.flat:
