@@ -1,6 +1,7 @@
 """
 log.jsonl and loss.png: one row for each step that evaluates or logs a loss, written as the step ends, and the loss
-curve drawn from them when the run ends. Only rank 0 writes them.
+curve drawn from them when the run ends. Only rank 0 writes them. And the loop's bookkeeping (Bookkeeper): which
+steps evaluate, which save the state to resume from, and where the run ends.
 """
 import json
 import os
@@ -51,6 +52,46 @@ class Log:
     def __exit__(self, *exc):
         if self.file is not None:
             self.file.close()
+
+
+class Bookkeeper:
+    """
+    What train.py's loop asks at each step, in this order: row(step), its row of log.jsonl; evaluates(step);
+    saves(step), the state to resume from; ends(step), the run. A resumed run starts from the row its stopped run
+    logged at its step (Log.resumed), and neither evaluates nor saves again what that holds. A Ctrl-C or SIGTERM
+    (runtime.StopRequest) makes a step the last, after its evaluation and before its training: saved, its row
+    written, and the process ends as the signal would have ended it.
+    """
+
+    def __init__(self, start_step, max_iters, eval_interval, log, stop, bar=None):
+        self.start_step, self.max_iters, self.eval_interval = start_step, max_iters, eval_interval
+        self.log, self.stop, self.bar = log, stop, bar
+
+    def row(self, step):
+        self.values = self.log.resumed if step == self.start_step else {}
+        self.last_step = step == self.max_iters
+        return self.values
+
+    def evaluates(self, step):
+        self.evaluating = (step % self.eval_interval == 0 or self.last_step) and "val_loss" not in self.values
+        return self.evaluating
+
+    def saves(self, step):
+        # a stop is looked for every step (under DDP every log_interval steps); the last step ends the run anyway
+        self.signum = 0 if self.last_step else self.stop.requested(step)
+        # after an evaluation, but not at the step a resumed run started from: its checkpoint holds that state
+        # (a new run starts at step 0 with none)
+        return (self.evaluating and (step > self.start_step or step == 0)) or bool(self.signum)
+
+    def ends(self, step):
+        if not (self.signum or self.last_step):
+            return False
+        self.log.row(step, self.values)
+        if self.signum:
+            if self.bar is not None:
+                self.bar.close()  # before the message, which should be the last line
+            self.stop.exit(self.signum, step)  # ends the process, as the signal would have
+        return True
 
 
 def plot_losses(out_dir):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 import checkpoint
 import config
 import export as export_script
+import logbook
 import model as model_script
 import prepare
 import runtime
@@ -952,6 +953,49 @@ def weights(model):
 
 def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class StopAt:
+    """runtime.StopRequest's part the loop sees: a signal from step `at` on; exit() says where it ended."""
+
+    def __init__(self, at):
+        self.at, self.exited = at, None
+
+    def requested(self, step):
+        return signal.SIGINT if step >= self.at else 0
+
+    def exit(self, signum, step):
+        self.exited = step
+
+
+def bookkeeping(tmp_path, start_step, stop_at=10**9, rows=()):
+    """For each step from start_step, what logbook.Bookkeeper tells the loop: (step, evaluates, saves, ends)."""
+    with open(tmp_path / "log.jsonl", "w") as f:  # what a stopped run logged
+        f.writelines(json.dumps({"step": step, **values}) + "\n" for step, values in rows)
+    stop = StopAt(stop_at)
+    book = logbook.Bookkeeper(start_step, 8, 4, logbook.Log(str(tmp_path), start_step, 1), stop)
+    seen = []
+    for step in range(start_step, 9):
+        book.row(step)
+        seen.append((step, book.evaluates(step), book.saves(step), book.ends(step)))
+        if seen[-1][3]:
+            return seen, stop.exited
+
+
+def test_the_loops_bookkeeping_evaluates_saves_and_ends_where_it_should(tmp_path):
+    # a new run: evaluations and checkpoints at 0, 4 and 8, where it ends
+    seen, exited = bookkeeping(tmp_path, 0)
+    assert [s for s in seen if any(s[1:])] == [(0, True, True, False), (4, True, True, False), (8, True, True, True)]
+    assert exited is None
+    # resumed at 4, whose evaluation its row holds: neither evaluated nor saved again
+    seen, _ = bookkeeping(tmp_path, 4, rows=[(4, dict(val_loss=2.0))])
+    assert seen[0] == (4, False, False, False) and seen[-1] == (8, True, True, True)
+    # resumed at 4, killed before that row was written: evaluated again, not saved (ckpt.pt holds that state)
+    seen, _ = bookkeeping(tmp_path, 4)
+    assert seen[0] == (4, True, False, False)
+    # a stop at 6: saved there, and the run ends there, after its (absent) evaluation and before its training
+    seen, exited = bookkeeping(tmp_path, 0, stop_at=6)
+    assert seen[-1] == (6, False, True, True) and exited == 6
 
 
 def test_resume_equals_an_uninterrupted_run(demo_data, tmp_path):

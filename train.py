@@ -31,7 +31,7 @@ import checkpoint
 import runtime
 from bins import load_bins
 from config import MODEL, PATHS, SCRIPTS, UserError, get_config
-from logbook import Log, plot_losses
+from logbook import Bookkeeper, Log, plot_losses
 from model import GPT, GPTConfig
 from muon import Muon
 from sample import short_story
@@ -97,20 +97,17 @@ def train(cfg, chosen=()):
     log = Log(cfg["out_dir"], start_step, tokens_per_step, enabled=master)
     stop = runtime.StopRequest(world, device, cfg["log_interval"], ckpt_path)
     bar = tqdm(total=cfg["max_iters"], initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
+    book = Bookkeeper(start_step, cfg["max_iters"], cfg["eval_interval"], log, stop, bar)  # which steps do what
     v = meta["splits"]["validation"]
     diverged = f"training diverged; {ckpt_path} still holds the last good state (try a lower --learning_rate)"
 
     # the log and the bar are closed on the way out, whatever happens: an error line then starts on a line of its own
     with stop, log, bar:
         for step in range(start_step, cfg["max_iters"] + 1):
-            last_step = step == cfg["max_iters"]
-            # this step's row of log.jsonl; a resumed run starts from the row its stopped run logged at this step,
-            # and does not evaluate again what it holds
-            row = log.resumed if step == start_step else {}
-            evaluating = (step % cfg["eval_interval"] == 0 or last_step) and "val_loss" not in row
+            row = book.row(step)  # this step's row of log.jsonl
 
             # once in a while: the loss on both splits, the best weights, and a story from a fixed prompt and seed
-            if evaluating:
+            if book.evaluates(step):
                 losses = estimate_loss(model, bins, cfg, eval_iters, ctx, device)
                 if not math.isfinite(losses["validation"]):
                     raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
@@ -128,12 +125,8 @@ def train(cfg, chosen=()):
                     row["sample"] = short_story(model, enc, cfg["eval_sample"], cfg["seed"], ctx)
                     bar.write(f"step {step} writes: {row['sample']}".replace("\n", " "))
 
-            # Ctrl-C or SIGTERM (looked for every step, under DDP every log_interval steps): this step is the last,
-            # after its evaluation if it has one, before its training
-            signum = 0 if last_step else stop.requested(step)
-            # the state to resume from: after an evaluation and on a stop; but not at the step a resumed run started
-            # from, whose checkpoint holds it already (a new run starts at step 0 with none)
-            if (evaluating and (step > start_step or step == 0)) or signum:
+            # the state to resume from: after an evaluation, and on a Ctrl-C or SIGTERM, which ends the run here
+            if book.saves(step):
                 # the loss is checked only every log_interval steps: a stop in between must not save a diverged model
                 if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
                     raise UserError(f"the weights are not finite at step {step}: {diverged}")
@@ -142,13 +135,9 @@ def train(cfg, chosen=()):
                     checkpoint.save(ckpt_path, model, cfg, chosen, meta["vocab"], step=step, best_val_loss=best_val,
                                     bits_per_byte=bits_per_byte, optimizer=[o.state_dict() for o in optimizers],
                                     scaler=scaler.state_dict(), ranks=ranks)
-                    if cfg["keep_checkpoints"] and evaluating:
+                    if cfg["keep_checkpoints"] and book.evaluating:
                         checkpoint.keep_copy(ckpt_path, step)
-            if signum or last_step:
-                log.row(step, row)
-                if signum:
-                    bar.close()  # before the message, which should be the last line
-                    stop.exit(signum, step)  # ends the process, as the signal would have
+            if book.ends(step):  # the last step, or a stop
                 break
 
             # one training step
@@ -157,6 +146,7 @@ def train(cfg, chosen=()):
             loss = train_step(step_model, optimizers, scaler, bins["train"], generator, cfg, ctx, device)
             bar.update(1)
 
+            # log: the loss now and then, in the progress bar and this step's row
             if step % cfg["log_interval"] == 0:
                 loss_value = loss.item()  # the last micro-batch's; it waits for the GPU, so only now and then
                 if not math.isfinite(loss_value):  # every process stops, none waits for another
