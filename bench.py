@@ -5,7 +5,8 @@ same run, because a shared machine's speed drifts.
     python bench.py vocab --data=PATH         # what a compact vocabulary costs in tokens, and how stable it is
     python bench.py prepare --data=PATH       # prepare.py's tokens/s (counting included) vs tiktoken's own ceiling
     python bench.py train [--nanogpt=PATH]    # the training step: train.py's vs a plain loop, and nanoGPT's own
-    python bench.py sample                    # generation: sample.py vs the bare decoding loop vs nanoGPT-style
+    python bench.py sample                    # generation: sample.py (and serve.py's page) vs the bare decoding loop
+                                              # vs nanoGPT-style
     python bench.py quality --data=PATH [--rows=a,b|all] [--out=DIR]   # recipes trained at equal budget, scored
                                               # on the whole validation split, beside count baselines (each row:
                                               # minutes); --out keeps each row's run (log.jsonl, loss.png)
@@ -462,16 +463,43 @@ def sample_commands(out_dir, device):
     return sample_py, nanogpt
 
 
-def ms_per_token(run, n_short, n_long, repeats):
-    """What each token past n_short costs: (time for n_long - time for n_short) / (n_long - n_short), each the
-    best of `repeats`, taken in turn so that drift hits both. Start-up, loading and the prompt cancel out."""
-    best = {n_short: float("inf"), n_long: float("inf")}
+@contextlib.contextmanager
+def serve_py(out_dir, device):
+    """serve.py started as a user starts it. Yields story(n): n tokens from its endpoint, read to the last line as
+    the page reads them (settings POSTed as JSON, a line a token with its 5 likeliest)."""
+    import urllib.request
+
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "serve.py"), f"--out_dir={out_dir}", "--port=0",
+                               f"--device={device.type}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        if not line.startswith("serving"):
+            sys.exit(f"error: serve.py did not start: {server.stderr.read().strip()[-500:]}")
+        url = line.rsplit(" at ", 1)[1].strip()
+        local = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+
+        def story(n):
+            settings = dict(prompt=PROMPT, max_new_tokens=n, stop_at_eot=False, seed=0)
+            with local.open(url + "/generate", json.dumps(settings).encode()) as answer:
+                for _ in answer:
+                    pass
+        yield story
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def ms_per_token(runs, n_short, n_long, repeats):
+    """What each token past n_short costs on each of `runs` (name -> run(n)): (time for n_long - time for n_short)
+    / (n_long - n_short), each the best of `repeats`, every run at both lengths in turn, so that a busy machine's
+    drift hits them all. Start-up, loading and the prompt cancel out."""
+    best = {(name, n): float("inf") for name in runs for n in (n_short, n_long)}
     for _ in range(repeats):
-        for n in best:
+        for name, n in best:
             start = time.perf_counter()
-            run(n)
-            best[n] = min(best[n], time.perf_counter() - start)
-    return 1000 * (best[n_long] - best[n_short]) / (n_long - n_short)
+            runs[name](n)
+            best[name, n] = min(best[name, n], time.perf_counter() - start)
+    return {name: 1000 * (best[name, n_long] - best[name, n_short]) / (n_long - n_short) for name in runs}
 
 
 def run_command(cmd):
@@ -486,9 +514,10 @@ def bench_sample(device=None, model_config=None, n_long=256, n_short=16, repeats
     Generation speed at batch 1, from the prompt sample.py's command below uses, past the context (256 new
     tokens after 5, with a context of 128): sample.py's real path (its defaults: temperature 0.8, top-k 200,
     top-p 0.95, each token decoded and written out as it comes) beside the bare decoding loop (model.py's generate
-    with plain sampling), and a nanoGPT-style sampler; in this process and as the command a user runs, all in one
-    run. Then where sample.py's time goes, and (extras) batch 8, bf16 and the memory floor. The default model has
-    random weights: speed does not depend on them. The tests run this on a tiny model without the commands.
+    with plain sampling), and a nanoGPT-style sampler; in this process, through serve.py's page endpoint, and as the
+    command a user runs, all in one run. Then where sample.py's time goes, and (extras) batch 8, bf16 and the memory
+    floor. The default model has random weights: speed does not depend on them. The tests run this on a tiny model
+    without the commands.
     """
     import torch
 
@@ -534,16 +563,22 @@ def bench_sample(device=None, model_config=None, n_long=256, n_short=16, repeats
                 nanogpt_generate(model, prompt, n)
 
         sample.generate_text(model, enc, ids, {**cfg, "max_new_tokens": n_short}, None, sink)  # warm up
-        ms = {name: ms_per_token(fn, n_short, n_long, repeats) for name, fn in
-              (("bare", bare), ("sample", sample_py), ("nanogpt", nanogpt))}
+        runs = dict(bare=bare, sample=sample_py, nanogpt=nanogpt)
+        # with the commands, the page's path too: serve.py already running, so per token it is sample.py's path
+        # over HTTP, timed in turn with it
+        with serve_py(out_dir, device) if commands else contextlib.nullcontext() as serve_story:
+            ms = ms_per_token({**runs, "serve": serve_story} if commands else runs, n_short, n_long, repeats)
         rows = [("bare decoding loop: model.py's generate (KV cache), plain sampling", "bare", "nanogpt"),
                 ("sample.py's path: its default settings, each token decoded and written out", "sample", "nanogpt"),
                 ("nanoGPT-style sampler: context recomputed, head on the last position, torch.multinomial",
                  "nanogpt", "nanogpt")]
         if commands:
+            rows.insert(2, ("serve.py's page: its default settings POSTed to `python serve.py` (another process), "
+                            "the story read to its last line, a JSON line a token with its 5 likeliest", "serve",
+                            "nanogpt"))
             sample_cmd, nanogpt_cmd = sample_commands(out_dir, device)
-            ms["sample_cmd"] = ms_per_token(lambda n: run_command(sample_cmd(n)), n_short, n_long, repeats)
-            ms["nanogpt_cmd"] = ms_per_token(lambda n: run_command(nanogpt_cmd(n)), n_short, n_long, repeats)
+            ms.update(ms_per_token(dict(sample_cmd=lambda n: run_command(sample_cmd(n)),
+                                        nanogpt_cmd=lambda n: run_command(nanogpt_cmd(n))), n_short, n_long, repeats))
             rows += [(f"`python sample.py --start=\"{PROMPT}\" --num_samples=1 --max_new_tokens=N "
                       f"--stop_at_eot=False --device={device.type}`", "sample_cmd", "nanogpt_cmd"),
                      ("the nanoGPT-style sampler as a command (`python -c ...`: load, generate, print)",
