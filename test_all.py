@@ -2642,7 +2642,8 @@ def drive_the_page(url, screenshot, prompt="Once upon a time", tokens=20, hover=
         if to_the_end:
             wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "status").text)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#story .token")) >= tokens)
-        ActionChains(driver).move_to_element(driver.find_elements(By.CSS_SELECTOR, "#story .token")[hover]).perform()
+        shown = [t for t in driver.find_elements(By.CSS_SELECTOR, "#story .token")[hover:] if t.size["width"]]
+        ActionChains(driver).move_to_element(shown[0]).perform()  # (half a character has no width to hover over)
         rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#choices .choice:not(.extra)"))
         choices = [(row.find_element(By.CLASS_NAME, "text").text, row.find_element(By.CLASS_NAME, "p").text)
                    for row in rows]
