@@ -1690,8 +1690,11 @@ def paused_train(call, nth, *args):
             "    return real(*args, **kwargs)\n"
             f"train.{call} = paused\n"
             "train.main(sys.argv[1:])\n")
+    # Ctrl-C reaches it as in a user's terminal, even where pytest runs in the background (where SIGINT is ignored,
+    # and a child inherits that: Python then installs no KeyboardInterrupt handler)
     p = subprocess.Popen([sys.executable, "-c", code, *args], cwd=HERE, env=OFFLINE_ENV, stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(300, p.kill)  # a run that hangs fails its test, as subprocess.run's timeout does
     watchdog.daemon = True
     watchdog.start()
