@@ -190,16 +190,18 @@ def make_optimizers(model, cfg, device, dtype="float32"):
     """AdamW for everything, or (the default) Muon for the blocks' weight matrices and AdamW for the rest: the
     embeddings and the head tied to one, which are not linear maps of the hidden state, and the 1-D gains. Muon
     orthogonalizes in bf16 when the step runs in bf16 (dtype): 1.8x the default model's CPU step."""
-    qkv = [block.attn.c_attn.weight for block in model.h]  # the query, key and value maps stacked in one
-    matrices = [p for p in model.h.parameters() if p.dim() == 2 and all(p is not q for q in qkv)]
-    in_muon = {id(p) for p in qkv + matrices} if cfg["optimizer"] == "muon" else set()
-    rest = [p for p in model.parameters() if id(p) not in in_muon]
+    named = dict(model.named_parameters())  # the head is tied to wte: listed once, as wte
+    # Muon's, by name: the blocks' weight matrices; c_attn holds three, the query, key and value maps stacked
+    muon = [n for n, p in named.items() if cfg["optimizer"] == "muon" and n.startswith("h.") and p.dim() == 2]
+    rest = [p for n, p in named.items() if n not in muon]
     # AdamW decays its matrices and embeddings only: pulling gains or biases towards zero regularises nothing
     groups = [dict(params=[p for p in rest if p.dim() >= 2], weight_decay=cfg["weight_decay"]),
               dict(params=[p for p in rest if p.dim() < 2], weight_decay=0.0)]
     optimizers = [torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
                                     fused=device.type in ("cuda", "cpu"))]
-    if in_muon:
+    if muon:
+        qkv = [named[n] for n in muon if n.endswith("c_attn.weight")]
+        matrices = [named[n] for n in muon if not n.endswith("c_attn.weight")]
         optimizers.append(Muon([dict(params=qkv, split=3), dict(params=matrices)], lr=cfg["muon_lr"],
                                weight_decay=cfg["muon_weight_decay"],
                                ns_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32))
