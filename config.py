@@ -50,7 +50,7 @@ TRAINING = dict(
     max_iters=5000,  # optimizer steps
     # Muon + AdamW at these LRs trained this model fastest of the recipes tried (RESULTS.md, the default's recipe)
     optimizer="muon",  # muon: Muon for the blocks' matrices, AdamW for the rest; adamw: AdamW for everything
-    learning_rate=0.02,  # AdamW's peak LR, after warmup
+    learning_rate=0.02,  # AdamW's peak LR, after warmup (beside Muon: the embeddings'; AdamW alone: ADAMW_ALONE below)
     min_lr=0.002,  # AdamW's LR at the end of the cosine (above learning_rate it rises); Muon's ends at the same ratio
     muon_lr=0.02,  # Muon's peak LR, for the blocks' weight matrices; it follows the same schedule
     momentum_warmup=300,  # steps over which Muon's momentum rises from 0.85 to 0.95; 0: 0.95 from the start
@@ -86,6 +86,9 @@ SERVING = dict(
     max_streams=2,  # stories written at once; each takes a share of the CPU or GPU
     max_waiting=16,  # requests that may wait for a turn; one more gets 429
 )
+# --optimizer=adamw: AdamW alone, the blocks' matrices too, at LRs of its own unless a flag sets them; learning_rate
+# and min_lr above are AdamW's beside Muon, on the embeddings (RESULTS.md: AdamW alone)
+ADAMW_ALONE = dict(learning_rate=3e-3, min_lr=3e-4)
 config = {**DATA, **PATHS, **SYSTEM, **MODEL, **TRAINING, **SAMPLING, **EXPORT, **SERVING, "preset": ""}
 # The keys each script reads
 SCRIPTS = {
@@ -225,8 +228,19 @@ def get_config(argv, groups, script="this script"):
     cfg["preset"] = ""
     chosen = parse_args(argv, cfg, script)
     cfg.update(chosen)
+    alone = adamw_alone(cfg, argv)
+    cfg.update(alone)
     check_config(cfg)
-    return cfg, set(chosen)
+    return cfg, set(chosen) - set(alone)
+
+
+def adamw_alone(cfg, argv):
+    """The LRs of an AdamW-only run that neither a flag nor a preset made for AdamW alone sets: ADAMW_ALONE's."""
+    if cfg.get("optimizer") != "adamw":
+        return {}
+    preset = presets.get(cfg["preset"], {})
+    own = {arg[2:].partition("=")[0] for arg in argv} | (set(preset) if preset.get("optimizer") == "adamw" else set())
+    return {k: v for k, v in ADAMW_ALONE.items() if k not in own}
 
 
 def parse_args(argv, cfg, script="this script"):

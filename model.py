@@ -205,15 +205,16 @@ def fused_loss_pays(x):
 
 
 class LayerCache:
-    """One layer's keys and values so far: (B, nh, block_size, hs) each, the first `pos` positions filled."""
+    """One layer's keys and values so far: (B, nh, block_size, hs) each, the first `pos` positions filled, in the
+    dtype the forward pass computes them in (bf16 under bf16 autocast: half float32's memory, and no cast a token)."""
 
-    def __init__(self, shape, device, dtype):
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+    def __init__(self, shape):
+        self.shape, self.k, self.v, self.pos = shape, None, None, 0
 
     def update(self, k, v):
         """Store the keys and values of the new positions; all of them so far."""
+        if self.k is None:
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         end = self.pos + k.size(2)
         self.k[:, :, self.pos:end], self.v[:, :, self.pos:end] = k, v
         self.pos = end
@@ -221,9 +222,9 @@ class LayerCache:
 
 
 class KVCache:
-    def __init__(self, config, batch_size, device, dtype):
+    def __init__(self, config, batch_size):
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.layers = [LayerCache(shape, device, dtype) for _ in range(config.n_layer)]
+        self.layers = [LayerCache(shape) for _ in range(config.n_layer)]
 
     @property
     def pos(self):
@@ -254,7 +255,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
             x = model.hidden(idx[:, start:])
         else:
             if cache is None:
-                cache = KVCache(model.config, idx.size(0), idx.device, head.dtype)
+                cache = KVCache(model.config, idx.size(0))
             x = model.hidden(todo, cache)
         logits = (x[:, -1] @ head).float()
         token = sample_token(logits, temperature, top_k, top_p, generator)

@@ -221,6 +221,29 @@ def test_config_parses_types_and_rejects_mistakes(capsys):
     assert "--max_iters=1.5e-3: expected int" in capsys.readouterr().err
 
 
+def test_adamw_alone_trains_at_lrs_of_its_own_unless_a_flag_sets_them(demo_data, tmp_path):
+    # learning_rate=0.02 is AdamW's beside Muon, on the embeddings: 30x nanoGPT's for the whole model
+    train_keys = config.SCRIPTS["train.py"]
+    beside_muon, _ = config.get_config([], train_keys)
+    alone = {k: config.ADAMW_ALONE[k] for k in ("learning_rate", "min_lr")}
+    assert alone["learning_rate"] < beside_muon["learning_rate"] / 3 and alone["min_lr"] < alone["learning_rate"]
+    for argv, expected in ((["--optimizer=adamw"], alone),
+                           (["--preset=cpu", "--optimizer=adamw"], alone),  # the preset's LRs are Muon's company's
+                           (["--optimizer=adamw", "--learning_rate=1e-4"], {**alone, "learning_rate": 1e-4}),
+                           (["--optimizer=adamw", "--learning_rate=0.01", "--min_lr=0.0"], dict(learning_rate=0.01,
+                                                                                               min_lr=0.0)),
+                           (["--preset=cpu"], {k: config.presets["cpu"][k] for k in alone})):
+        cfg, chosen = config.get_config(argv, train_keys)
+        assert {k: cfg[k] for k in alone} == expected, argv
+        if "--optimizer=adamw" in argv:  # ADAMW_ALONE's are not the user's choice: a resumed run takes its own
+            assert chosen & set(alone) == {a[2:].partition("=")[0] for a in argv} & set(alone), argv
+    # the run trains at them, and goes on at them when resumed
+    args = [*TINY_ARGS, f"--data_dir={demo_data[0]}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_interval=1"]
+    train_script.main([*args, "--optimizer=adamw"])
+    train_script.main([*args, "--init_from=resume", "--max_iters=2"])
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and {k: ckpt["config"][k] for k in alone} == alone and ckpt["config"]["optimizer"] == "adamw"
+
 def test_a_flag_given_with_a_preset_wins_and_says_so(capsys, demo_data, tmp_path):
     # as README's row has it: said on stderr, and the run trains with the flag's value
     r = run("train.py", "--preset=cpu", "--n_embd=128", f"--data_dir={demo_data[0]}", f"--out_dir={tmp_path}",
@@ -2202,12 +2225,24 @@ def test_value_embeddings_keep_the_cache_exact_and_the_counts_right():
     assert torch.equal(tokens, tokens2) and torch.allclose(logits, logits2, atol=1e-4)
 
 
+def test_the_kv_cache_holds_the_dtype_the_forward_pass_computes_in(trained, monkeypatch):
+    # under bf16 autocast the keys and values are bf16: a float32 cache would take twice the memory, and a cast a token
+    import model as gpt
+    _, model = trained
+    made, real = [], gpt.KVCache
+    monkeypatch.setattr(gpt, "KVCache", lambda *args: made.append(real(*args)) or made[-1])
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            steps(model, prompt, 3, use_cache=True)
+        assert {(layer.k.dtype, layer.v.dtype) for layer in made[-1].layers} == {(dtype, dtype)}
+
 def test_cache_with_a_past_and_several_new_tokens(trained):
     _, model = trained  # the Tq != Tk case of attention: new queries attend to cached keys through a mask
     from model import KVCache
     x = torch.randint(0, model.config.vocab_size, (1, 12))
     full, _ = model(x)
-    cache = KVCache(model.config, 1, x.device, torch.float32)
+    cache = KVCache(model.config, 1)
     model.hidden(x[:, :7], cache)
     part = model.lm_head(model.hidden(x[:, 7:], cache))
     assert cache.pos == 12 and torch.allclose(full[:, 7:], part, atol=1e-5)
