@@ -3,7 +3,7 @@ Where a run happens and how it ends: the device and its precision, the processes
 whether to compile, what a CPU run will cost, MFU, and errors as one line. train.py calls these by name.
 """
 import dataclasses
-import datetime
+import math
 import os
 import shutil
 import signal
@@ -76,22 +76,51 @@ def setup(cfg):
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    # a process that dies must not leave the others waiting forever
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=120))
+    # PyTorch's own timeout (NCCL's 10 minutes, gloo's 30): while rank 0 saves and writes a story the others wait,
+    # longer for a large model, a slow disk or a second node. A process that dies ends the others' collectives
+    # sooner: torchrun stops them, and gloo sees the connection close.
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
     return rank, world, local, device
+
+
+def meet(world):
+    """Under DDP, wait here for every process: after rank 0 alone has saved, before the next training step."""
+    if world > 1:
+        dist.barrier()
+
+
+def from_rank0(value, world):
+    """Rank 0's value (anything pickle takes) on every process."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_over_processes(values, world, device):
+    """The means of a list of figures over the DDP processes, each of which computed its own; or the list itself."""
+    if world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return (total / world).tolist()
 
 
 class StopRequest:
     """
     Within `with StopRequest(world, device, every, path) as stop:`, Ctrl-C or SIGTERM only sets a flag, and says at
-    once what will happen; stop.requested(step) says which signal came. Every process must stop at the same step:
-    one that went on to the next gradient all-reduce while another saves would wait for it until the timeout. So
-    under DDP the processes agree, by an all-reduce that waits for the device: at every `every`-th step only. A
-    second signal quits at once, in one line, without saving: the files are as the last save left them.
+    once what will happen; stop.requested(step) says, once a step has evaluated, which signal came. Every process
+    must stop at the same step, and end together when a loss is not finite: one that went on to the next collective
+    while another stopped would wait for it until the timeout (and NCCL then aborts with its watchdog's trace, not
+    the one line). So under DDP the processes agree on both in one all-reduce, which waits for the device: at each
+    log step (every `every` steps; agree). A second signal quits at once, in one line, without saving: the files
+    are as the last save left them.
     """
 
     def __init__(self, world, device, every, path):
-        self.world, self.device, self.every, self.path, self.signal = world, device, every, path, None
+        self.world, self.device, self.every, self.path, self.signal, self.agreed = world, device, every, path, None, 0
         self.master = int(os.environ.get("RANK", 0)) == 0  # the process that prints
 
     def __enter__(self):
@@ -120,14 +149,19 @@ class StopRequest:
                        f"Ctrl-C quits without saving", file=sys.stderr)
 
     def requested(self, step):
-        """The signal any process has received, or 0."""
+        """The signal this process has received by this step, or 0; under DDP, the one any process had at the last
+        agreement (the step does not matter then)."""
+        return (self.signal or 0) if self.world == 1 else self.agreed
+
+    def agree(self, loss):
+        """At a log step, on every process: whether the loss (a float) is finite on every process. Under DDP the
+        signal any process has received comes with it, for requested() to say from the next step on."""
         if self.world == 1:
-            return self.signal or 0
-        if step % self.every:
-            return 0
-        flag = torch.tensor([self.signal or 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+            return math.isfinite(loss)
+        flags = torch.tensor([self.signal or 0, not math.isfinite(loss)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.agreed = int(flags[0].item())
+        return not flags[1].item()
 
     def exit(self, signum, step):
         """Say what was saved, as the last line, and end as the signal would have."""
@@ -240,6 +274,47 @@ def mfu(model, tokens_per_second, device):
     """Model FLOPs utilisation of one device training on tokens_per_second, or None where its peak is unknown."""
     peak = peak_flops(device)
     return None if peak is None else flops_per_token(model) * tokens_per_second / peak
+
+
+def sync(device):
+    """Wait for the work queued on a GPU (it runs behind the Python that queues it), so that a clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+clock = time.perf_counter  # (the tests give Throughput a clock of their own)
+
+
+class Throughput:
+    """
+    Tokens a second over each log interval: the device synchronised at both ends, so that a GPU's queued work is
+    counted where it ran; evaluations, saves and stories left out (restart after them); and the first interval
+    not shown, as it holds the compiler's work and the first allocations.
+    """
+
+    def __init__(self, device, tokens_per_step):
+        self.device, self.tokens_per_step, self.first = device, tokens_per_step, True
+        self.since, self.start = 0, clock()
+
+    def restart(self, step):
+        """The interval starts again with this step's training."""
+        sync(self.device)
+        self.since, self.start = step, clock()
+
+    def measure(self, step):
+        """Tokens/s of the training steps since the interval started, this one included; None for the first."""
+        sync(self.device)
+        now = clock()
+        rate = None if self.first else self.tokens_per_step * (step + 1 - self.since) / (now - self.start)
+        self.first, self.since, self.start = False, step + 1, now
+        return rate
+
+
+def use_tf32(device, dtype):
+    """A float32 run on a GPU of compute capability 8.0 or later multiplies in TF32 (float32's range, 10 bits of
+    mantissa where bf16 has 7), several times float32's rate. Older GPUs have no TF32 and ignore this."""
+    if device.type == "cuda" and dtype == "float32":
+        torch.set_float32_matmul_precision("high")
 
 
 @contextmanager

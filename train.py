@@ -19,7 +19,6 @@ import math
 import os
 import shlex
 import sys
-import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -63,11 +62,14 @@ def train(cfg, chosen=()):
         model = GPT.from_checkpoint(ckpt)
     model.to(device)
     ctx, dtype = runtime.autocast_context(device, cfg["dtype"], training=True)
+    runtime.use_tf32(device, dtype)  # float32 on a GPU: TF32 matmuls where it has them
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # bf16 and fp32 need no loss scaling
     compiling = runtime.use_compiler(cfg, device, chosen, master)
-    step_model = torch.compile(model, dynamic=False) if compiling else model  # the model each step runs
+    step_model = model  # the model each step runs
     if world > 1:  # every process computes its gradients, DDP averages them
-        step_model = DDP(step_model, device_ids=[local] if device.type == "cuda" else None)
+        step_model = DDP(model, device_ids=[local] if device.type == "cuda" else None)
+    if compiling:  # around DDP: the compiler splits the backward at DDP's buckets, whose all-reduces then overlap it
+        step_model = torch.compile(step_model, dynamic=False)
     optimizers = make_optimizers(model, cfg, device, dtype)
     generator = torch.Generator().manual_seed(cfg["seed"] + rank)  # batches: resumable, unlike the global RNG
     start_step, best_val, bits_per_byte = 0, float("inf"), None  # bits_per_byte: the latest evaluation's
@@ -95,7 +97,9 @@ def train(cfg, chosen=()):
             print(f"resuming from {ckpt_path} at step {start_step}")
     os.makedirs(cfg["out_dir"], exist_ok=True)
     log = Log(cfg["out_dir"], start_step, tokens_per_step, enabled=master)
+    log.resumed = runtime.from_rank0(log.resumed, world)  # rank 0 alone reads log.jsonl: all evaluate where it says
     stop = runtime.StopRequest(world, device, cfg["log_interval"], ckpt_path)
+    speed = runtime.Throughput(device, tokens_per_step)
     bar = tqdm(total=cfg["max_iters"], initial=start_step, unit="step", dynamic_ncols=True, disable=not master)
     book = Bookkeeper(start_step, cfg["max_iters"], cfg["eval_interval"], log, stop, bar)  # which steps do what
     v = meta["splits"]["validation"]
@@ -108,7 +112,7 @@ def train(cfg, chosen=()):
 
             # once in a while: the loss on both splits, the best weights, and a story from a fixed prompt and seed
             if book.evaluates(step):
-                losses = estimate_loss(model, bins, cfg, eval_iters, ctx, device)
+                losses = estimate_loss(model, bins, cfg, eval_iters, ctx, device, rank, world)
                 if not math.isfinite(losses["validation"]):
                     raise UserError(f"validation loss is {losses['validation']} at step {step}: {diverged}")
                 bits_per_byte = losses["validation"] * v["tokens"] / v["bytes"] / math.log(2)  # any vocabulary
@@ -137,26 +141,32 @@ def train(cfg, chosen=()):
                                     scaler=scaler.state_dict(), ranks=ranks)
                     if cfg["keep_checkpoints"] and book.evaluating:
                         checkpoint.keep_copy(ckpt_path, step)
+            if book.evaluating or book.signum:  # the others waited while rank 0 saved and wrote: here, not in a step
+                runtime.meet(world)
+                speed.restart(step)
             if book.ends(step):  # the last step, or a stop
                 break
 
             # one training step
             set_lr(optimizers, step, cfg)
-            step_start = time.time()
             loss = train_step(step_model, optimizers, scaler, bins["train"], generator, cfg, ctx, device)
             bar.update(1)
 
             # log: the loss now and then, in the progress bar and this step's row
             if step % cfg["log_interval"] == 0:
                 loss_value = loss.item()  # the last micro-batch's; it waits for the GPU, so only now and then
-                if not math.isfinite(loss_value):  # every process stops, none waits for another
-                    raise UserError(f"loss is {loss_value} at step {step}: {diverged}")
+                # every process learns whether any loss is not finite (and any signal), and all stop together
+                if not stop.agree(loss_value):
+                    seen = loss_value if not math.isfinite(loss_value) else "not finite on another process"
+                    raise UserError(f"loss is {seen} at step {step}: {diverged}")
+                tok_s = speed.measure(step)  # over the interval; None for the first, which compiles
             if step % cfg["log_interval"] == 0 and master:
-                tok_s = tokens_per_step / (time.time() - step_start)
-                postfix = dict(loss=f"{loss_value:.4f}", lr=f"{get_lr(step, cfg):.2e}", tok_s=f"{tok_s:,.0f}")
-                mfu = runtime.mfu(model, tok_s / world, device)  # each device does its share, at its own peak
-                if mfu is not None:
-                    postfix["mfu"] = f"{100 * mfu:.1f}%"
+                postfix = dict(loss=f"{loss_value:.4f}", lr=f"{get_lr(step, cfg):.2e}")
+                if tok_s is not None:
+                    postfix["tok_s"] = f"{tok_s:,.0f}"
+                    mfu = runtime.mfu(model, tok_s / world, device)  # each device does its share, at its own peak
+                    if mfu is not None:
+                        postfix["mfu"] = f"{100 * mfu:.1f}%"
                 bar.set_postfix(postfix, refresh=False)
                 row.update(loss=loss_value, lr=get_lr(step, cfg))  # AdamW's LR; Muon's is muon_lr / learning_rate x it
             log.row(step, row)
@@ -234,20 +244,21 @@ def set_lr(optimizers, step, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, bins, cfg, eval_iters, ctx, device):
-    """Mean loss over eval_iters random batches of each split, the same batches at every evaluation."""
+def estimate_loss(model, bins, cfg, eval_iters, ctx, device, rank=0, world=1):
+    """Mean loss over eval_iters random batches of each split, the same batches at every evaluation. Under DDP each
+    process scores batches of its own, and the figures are the mean over all of them: world x eval_iters batches."""
     model.eval()
-    generator = torch.Generator().manual_seed(cfg["seed"])
-    out = {}
-    for split, data in bins.items():
+    generator = torch.Generator().manual_seed(cfg["seed"] + rank)
+    means = []
+    for data in bins.values():
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
             x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], generator, device)
             with ctx:
                 losses[k] = model(x, y, return_logits=False)[1].item()
-        out[split] = losses.mean().item()
+        means.append(losses.mean().item())
     model.train()
-    return out
+    return dict(zip(bins, runtime.mean_over_processes(means, world, device)))
 
 
 def train_step(model, optimizers, scaler, data, generator, cfg, ctx, device):
