@@ -1273,7 +1273,10 @@ def logged(out_dir):
 def log_steps(out_dir):
     """The steps of log.jsonl's rows; a row still being written by a running process is not one yet."""
     with open(out_dir / "log.jsonl") as f:
-        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+        # read at once: a row being written can span two pages of the file, and a reader line by line that met the
+        # end of the file between them would then go on to read the row's second part as a line of its own
+        text = f.read()
+    return [json.loads(line)["step"] for line in text.split("\n")[:-1]]
 
 
 def resumable_args(data_dir):

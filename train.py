@@ -43,7 +43,7 @@ def train(cfg, chosen=()):
     master = rank == 0  # the process that writes files and prints
     ckpt_path, best_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "best.pt")
     ckpt = checkpoint.load(ckpt_path) if cfg["init_from"] == "resume" else None
-    if ckpt is None and "init_from" not in chosen:  # another run's files are replaced only when told: --init_from=scratch
+    if ckpt is None and "init_from" not in chosen:  # a run's files are replaced only when told: --init_from=scratch
         checkpoint.refuse_to_replace(ckpt_path)
     cfg, chosen = checkpoint.run_settings(cfg, chosen, ckpt, ckpt_path)  # a resumed run keeps its own settings
     if ckpt is not None and ckpt["step"] >= cfg["max_iters"]:
